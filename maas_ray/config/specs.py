@@ -1,0 +1,133 @@
+"""The training spec: what users write in ``examples/*/spec.yaml``.
+
+Every field has a description; the YAML docs, the CLI's ``maas train --explain``
+and HTTP schemas are generated from these models, never written twice.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from maas_ray.registry.refs import validate_name
+
+
+class _Spec(BaseModel):
+    # Our own config rejects unknown keys: a typo must fail loudly, not be ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Spec):
+    """Where the table comes from and how it is split."""
+
+    source: str = Field(
+        description="CSV, Parquet or JSONL file or folder: a local path (relative to the "
+        "spec file) or an s3:// / gs:// URI."
+    )
+    format: Literal["csv", "parquet", "json"] | None = Field(
+        default=None, description="File format; inferred from the extension when omitted."
+    )
+    target: str = Field(description="Name of the column to predict.")
+    features: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Feature columns, in order; all numeric columns but the target when omitted.",
+    )
+    validation_fraction: float = Field(
+        default=0.15, ge=0.0, lt=1.0, description="Share of rows held out for validation loss."
+    )
+    test_fraction: float = Field(
+        default=0.15, ge=0.0, lt=1.0, description="Share of rows held out for the final test metrics."
+    )
+    split_seed: int = Field(
+        default=0, ge=0, description="Seed of the row-hash split; same seed, same split."
+    )
+    standardize: bool = Field(
+        default=True, description="Standardise features (and a regression target) with train-split mean/std."
+    )
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_rows(self) -> DataSpec:
+        if self.validation_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                "validation_fraction + test_fraction must be below 0.9 so training has rows"
+            )
+        if self.features is not None and self.target in self.features:
+            raise ValueError(f"target column {self.target!r} is also listed in features")
+        return self
+
+
+class ModelSpec(_Spec):
+    """The network to train."""
+
+    kind: Literal["linear", "mlp"] = Field(
+        default="linear", description="'linear' (one affine layer) or 'mlp'."
+    )
+    hidden_sizes: list[int] = Field(
+        default_factory=lambda: [64, 64],
+        description="MLP hidden layer widths (ignored for 'linear').",
+    )
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="MLP dropout probability.")
+
+    @model_validator(mode="after")
+    def _positive_widths(self) -> ModelSpec:
+        if any(h <= 0 for h in self.hidden_sizes):
+            raise ValueError(f"hidden_sizes must all be positive, got {self.hidden_sizes}")
+        return self
+
+
+class TrainingSpec(_Spec):
+    """The optimisation loop."""
+
+    epochs: int = Field(default=20, ge=1, le=100_000, description="Passes over the training split.")
+    batch_size: int = Field(default=32, ge=1, description="Rows per step on each worker.")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field(default="sgd", description="Optimizer.")
+    learning_rate: float = Field(default=0.01, gt=0.0, description="Step size.")
+    momentum: float = Field(default=0.0, ge=0.0, lt=1.0, description="SGD momentum.")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="L2 penalty.")
+    seed: int = Field(default=0, ge=0, description="Seed for weight init and shuffling.")
+    checkpoint_every_epochs: int = Field(
+        default=1, ge=1, description="Write a checkpoint to the run's storage every N epochs."
+    )
+    max_failures: int = Field(
+        default=0, ge=-1, description="Worker/node failures to survive by restarting from the "
+        "latest checkpoint (-1: unlimited)."
+    )
+    run_name: str | None = Field(
+        default=None,
+        description="Ray Train run name. Leave empty for a fresh unique run; reuse a name to "
+        "resume that run from its latest checkpoint.",
+    )
+
+
+class ScalingSpec(_Spec):
+    """How many workers and what each gets."""
+
+    num_workers: int = Field(default=1, ge=1, description="Data-parallel training workers.")
+    use_gpu: bool = Field(default=False, description="Give each worker one GPU (CUDA + NCCL).")
+    cpus_per_worker: float = Field(
+        default=1.0, gt=0.0, description="CPUs reserved per worker; fractions share cores."
+    )
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Extra custom resources per worker, e.g. {'TPU': 1}."
+    )
+
+
+class TrainSpec(_Spec):
+    """A tabular training job: data → model → registry version ``name``."""
+
+    name: str = Field(description="Registry model name the result is published under.")
+    task: Literal["regression", "classification"] = Field(
+        description="'regression' (MSE loss) or 'classification' (cross-entropy)."
+    )
+    description: str = Field(default="", description="Free text kept in the model card.")
+    data: DataSpec = Field(description="Input table and split.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Network architecture.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation.")
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers.")
+
+    @model_validator(mode="after")
+    def _valid_name(self) -> TrainSpec:
+        validate_name(self.name)
+        return self

@@ -1,0 +1,14 @@
+"""Ray Data inputs: read tables, split them, fit and apply preprocessing."""
+
+from maas_ray.data.preprocess import Preprocessor, fit_preprocessor
+from maas_ray.data.split import split_dataset
+from maas_ray.data.tables import DataError, feature_columns, read_table
+
+__all__ = [
+    "DataError",
+    "Preprocessor",
+    "feature_columns",
+    "fit_preprocessor",
+    "read_table",
+    "split_dataset",
+]

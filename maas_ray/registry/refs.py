@@ -1,0 +1,49 @@
+"""Model ids as users write them: ``name`` (latest) or ``name:version``.
+
+Fine-tuned chat models follow OpenAI's ``ft:{base}:{suffix}:{job_id}``; their
+colons are part of the name, so a version is only the last ``:`` part when it
+is all digits.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Letters, digits, '.', '_', '-'; must not start with '.' so no name can walk out
+# of the models folder ('..') or hide as a temp folder.
+_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_NAME_RE = re.compile(rf"^(?:ft:{_PART}:{_PART}:{_PART}|{_PART})$")
+
+
+class InvalidModelName(ValueError):
+    """A model id that cannot name a registry entry."""
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is a legal model name, else raise :class:`InvalidModelName`."""
+    if not _NAME_RE.match(name) or ".." in name:
+        raise InvalidModelName(
+            f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' "
+            "(at most 128, not starting with '.'), or 'ft:{base}:{suffix}:{job_id}'"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model id; ``version=None`` means the latest version."""
+
+    name: str
+    version: int | None = None
+
+    @classmethod
+    def parse(cls, model_id: str) -> ModelRef:
+        model_id = model_id.strip()
+        head, sep, tail = model_id.rpartition(":")
+        if sep and tail.isdigit() and _NAME_RE.match(head) and ".." not in head:
+            return cls(head, int(tail))
+        return cls(validate_name(model_id), None)
+
+    def __str__(self) -> str:
+        return self.name if self.version is None else f"{self.name}:{self.version}"

@@ -1,0 +1,239 @@
+"""The registry: publish, list, resolve and remove model versions.
+
+A version is a folder ``{storage}/models/{name}/{version}/`` holding the weights
+(safetensors), whatever config rebuilds the model, and ``card.json``. On local
+disk a version is written under a hidden temp folder and renamed into place, so
+readers never see half of one; two publishers racing for the same number both
+succeed with distinct numbers because ``rename`` onto a non-empty folder fails.
+On object stores (no atomic rename) ``card.json`` is written last and a version
+without it is invisible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from maas_ray import storage
+from maas_ray.registry.refs import ModelRef, validate_name
+
+logger = logging.getLogger(__name__)
+
+CARD = "card.json"
+_CACHE = Path(os.environ.get("MAAS_CACHE", "~/.cache/maas")).expanduser()
+
+
+class ModelNotFound(LookupError):
+    """No such model, or no such version of it."""
+
+
+class TamperedModel(RuntimeError):
+    """A version's files do not match the checksums in its card."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One published version: where it lives and its card."""
+
+    name: str
+    version: int
+    uri: str
+    card: dict[str, Any] = field(hash=False, compare=False)
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    @property
+    def task(self) -> str:
+        return str(self.card.get("task", "unknown"))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Registry:
+    """Versioned models under one storage root (local path or ``s3://``/``gs://``)."""
+
+    def __init__(self, root: str | None = None) -> None:
+        self.root = storage.storage_root(root)
+        self.models_uri = storage.join(self.root, "models")
+        self._fs, self._base = storage.filesystem(self.models_uri)
+        self._local = storage.is_local(self.root)
+
+    # -- reading -----------------------------------------------------------
+    def names(self) -> list[str]:
+        """Names that have at least one complete version."""
+        out = []
+        for info in self._ls(self._base):
+            if info.type == pafs.FileType.Directory and not info.base_name.startswith("."):
+                if self.versions(info.base_name):
+                    out.append(info.base_name)
+        return sorted(out)
+
+    def versions(self, name: str) -> list[int]:
+        """Complete versions of ``name``, ascending."""
+        validate_name(name)
+        found = []
+        for info in self._ls(f"{self._base}/{name}"):
+            if info.type == pafs.FileType.Directory and info.base_name.isdigit():
+                if self._exists(f"{info.path}/{CARD}"):
+                    found.append(int(info.base_name))
+        return sorted(found)
+
+    def get(self, ref: ModelRef | str) -> ModelVersion:
+        """Resolve ``name`` (latest) or ``name:version``; raise :class:`ModelNotFound`."""
+        ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
+        versions = self.versions(ref.name)
+        if not versions:
+            raise ModelNotFound(f"model {ref.name!r} does not exist")
+        version = versions[-1] if ref.version is None else ref.version
+        if version not in versions:
+            raise ModelNotFound(
+                f"model {ref.name!r} has no version {version} (versions: {versions})"
+            )
+        path = f"{self._base}/{ref.name}/{version}"
+        with self._fs.open_input_stream(f"{path}/{CARD}") as fh:
+            card = json.loads(fh.read())
+        return ModelVersion(ref.name, version, storage.join(self.models_uri, ref.name, str(version)), card)
+
+    def all_versions(self) -> list[ModelVersion]:
+        """Every complete version of every model."""
+        return [self.get(ModelRef(n, v)) for n in self.names() for v in self.versions(n)]
+
+    def local_dir(self, mv: ModelVersion, verify: bool = True) -> Path:
+        """A local folder holding ``mv``'s files (downloaded once for remote storage).
+
+        With ``verify`` the files' sha256 must match the card, so a tampered or
+        truncated weights file is refused instead of silently served.
+        """
+        if self._local:
+            path = storage.local_path(mv.uri)
+        else:
+            path = _CACHE / "models" / mv.name.replace(":", "__") / str(mv.version)
+            if not (path / CARD).exists():
+                tmp = path.with_name(f".{path.name}-{uuid.uuid4().hex[:8]}")
+                tmp.mkdir(parents=True)
+                fs, src = storage.filesystem(mv.uri)
+                pafs.copy_files(src, str(tmp), source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+                try:
+                    tmp.rename(path)
+                except OSError:  # another process fetched it first
+                    shutil.rmtree(tmp, ignore_errors=True)
+        if verify:
+            for fname, digest in mv.card.get("files", {}).items():
+                fpath = path / fname
+                if not fpath.exists() or sha256_file(fpath) != digest:
+                    raise TamperedModel(
+                        f"{mv.id}: file {fname!r} is missing or does not match its checksum"
+                    )
+        return path
+
+    # -- writing -----------------------------------------------------------
+    def publish(self, name: str, src: Path, card: dict[str, Any]) -> ModelVersion:
+        """Publish the files in local folder ``src`` as the next version of ``name``."""
+        validate_name(name)
+        src = Path(src)
+        card = dict(card, name=name, created_at=card.get("created_at", time.time()))
+        card["files"] = {
+            str(p.relative_to(src)): sha256_file(p)
+            for p in sorted(src.rglob("*"))
+            if p.is_file() and p.name != CARD
+        }
+        if self._local:
+            version = self._publish_local(name, src, card)
+        else:
+            version = self._publish_remote(name, src, card)
+        logger.info("published %s:%s", name, version)
+        return self.get(ModelRef(name, version))
+
+    def _publish_local(self, name: str, src: Path, card: dict[str, Any]) -> int:
+        parent = Path(self._base) / name
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".tmp-{uuid.uuid4().hex}"
+        try:
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(CARD))
+            _write_json(tmp / CARD, card)
+            while True:
+                version = self._next_version(parent)
+                try:
+                    os.rename(tmp, parent / str(version))
+                    return version
+                except OSError:  # lost the race for this number: take the next one
+                    continue
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _publish_remote(self, name: str, src: Path, card: dict[str, Any]) -> int:
+        parent = f"{self._base}/{name}"
+        version = max(self._all_numbers(parent), default=0) + 1
+        dest = f"{parent}/{version}"
+        self._fs.create_dir(dest)
+        for path in sorted(src.rglob("*")):
+            if path.is_file() and path.name != CARD:
+                pafs.copy_files(str(path), f"{dest}/{path.relative_to(src)}",
+                                source_filesystem=pafs.LocalFileSystem(),
+                                destination_filesystem=self._fs)
+        with self._fs.open_output_stream(f"{dest}/{CARD}") as fh:  # the commit point
+            fh.write(json.dumps(card, indent=2, default=str).encode())
+        return version
+
+    def remove(self, ref: ModelRef | str) -> list[ModelVersion]:
+        """Remove one version (``name:version``) or every version (``name``)."""
+        ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
+        targets = [self.get(ref)] if ref.version is not None else [
+            self.get(ModelRef(ref.name, v)) for v in self.versions(ref.name)
+        ]
+        if not targets:
+            raise ModelNotFound(f"model {ref.name!r} does not exist")
+        for mv in targets:
+            path = f"{self._base}/{mv.name}/{mv.version}"
+            if self._local:
+                # Hide it in one atomic step first, then delete at leisure.
+                trash = Path(self._base) / mv.name / f".trash-{uuid.uuid4().hex}"
+                os.rename(path, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                self._fs.delete_file(f"{path}/{CARD}")
+                self._fs.delete_dir(path)
+        return targets
+
+    # -- helpers -----------------------------------------------------------
+    def _next_version(self, parent: Path) -> int:
+        return max(self._all_numbers(str(parent)), default=0) + 1
+
+    def _all_numbers(self, parent: str) -> list[int]:
+        # Every numbered folder counts, complete or not, so numbers never repeat.
+        return [int(i.base_name) for i in self._ls(parent) if i.base_name.isdigit()]
+
+    def _ls(self, path: str) -> list[pafs.FileInfo]:
+        try:
+            return self._fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def _exists(self, path: str) -> bool:
+        return self._fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with path.open("w") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())

@@ -1,0 +1,28 @@
+"""Building the one maas Serve application.
+
+``serve run apps/maas.yaml`` imports :func:`build_app` (``import_path``) and
+passes the config's ``args``; ``maas up`` calls it directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from maas_ray.serve.ingress import Ingress
+from maas_ray.serve.predictor import Predictor
+from maas_ray.serve.settings import AppArgs
+
+
+def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
+    """The application graph: ingress → predictor (tabular)."""
+    settings = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    # Pin the storage root now so every replica sees the same one.
+    settings = settings.model_copy(update={"storage": settings.storage_root()})
+    predictor = Predictor.bind(
+        settings.storage,
+        settings.predictor.max_batch_size,
+        settings.predictor.batch_wait_timeout_s,
+    )
+    return Ingress.bind(settings, predictor=predictor)

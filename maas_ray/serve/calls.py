@@ -1,0 +1,60 @@
+"""Calling model deployments from the ingress: validation, timeouts, failures.
+
+A dead or overloaded replica is the server's problem, not the client's input:
+it becomes 503 with ``Retry-After`` rather than a 500 or a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+import ray.exceptions
+from ray.serve.exceptions import BackPressureError
+
+from maas_ray.registry import ModelVersion
+from maas_ray.serve.context import ServiceContext
+from maas_ray.serve.errors import APIError
+
+logger = logging.getLogger(__name__)
+
+TABULAR_TASKS = ("regression", "classification")
+
+
+def check_rows(mv: ModelVersion, rows: np.ndarray, max_rows: int, param: str) -> None:
+    """Reject inputs the model cannot take, naming what was expected."""
+    if mv.task not in TABULAR_TASKS:
+        raise APIError(400, f"model {mv.id!r} is a {mv.task!r} model, not a tabular one",
+                       "model", "wrong_model_type")
+    n_features = int(mv.card.get("n_features", -1))
+    if rows.ndim != 2 or rows.shape[0] == 0:
+        raise APIError(400, f"{param} must be a non-empty list of rows", param, "invalid_shape")
+    if rows.shape[0] > max_rows:
+        raise APIError(400, f"{param} has {rows.shape[0]} rows; at most {max_rows} per request",
+                       param, "too_many_rows")
+    if rows.shape[1] != n_features:
+        raise APIError(400, f"model {mv.id!r} expects {n_features} features per row, "
+                       f"got {rows.shape[1]}", param, "wrong_feature_count")
+    if not np.isfinite(rows).all():
+        raise APIError(400, f"{param} contains NaN or infinite values", param, "invalid_value")
+
+
+async def predict_rows(ctx: ServiceContext, mv: ModelVersion, rows: np.ndarray) -> dict[str, Any]:
+    """Run validated rows through the predictor deployment."""
+    handle = ctx.handles["predictor"].options(multiplexed_model_id=mv.id)
+    try:
+        return await asyncio.wait_for(handle.predict.remote(mv.id, rows),
+                                      timeout=ctx.settings.request_timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(503, f"model {mv.id!r} did not answer within "
+                       f"{ctx.settings.request_timeout_s:g} s; retry later",
+                       code="timeout", headers={"Retry-After": "1"}) from None
+    except BackPressureError:
+        raise APIError(503, "the predictor is at capacity; retry later",
+                       code="overloaded", headers={"Retry-After": "1"}) from None
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+        logger.warning("predictor replica failed for %s: %s", mv.id, type(err).__name__)
+        raise APIError(503, "a model replica failed while serving this request; retry",
+                       code="replica_failed", headers={"Retry-After": "1"}) from None

@@ -1,0 +1,1 @@
+"""One APIRouter per API surface; the ingress includes them all."""

@@ -1,0 +1,85 @@
+"""``/v1/models``: listing, and ``POST /v1/models/{name}/predict`` for tabular models."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from maas_ray.serve.calls import check_rows, predict_rows
+from maas_ray.serve.context import get_context
+from maas_ray.serve.errors import APIError
+
+router = APIRouter(tags=["models"])
+
+# Strict: "1.5" (a string) or true is a client bug, not a number to coerce.
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inputs: list[list[Number]] = Field(
+        min_length=1, description="Rows of raw feature values, in the model's feature order."
+    )
+
+
+class PredictResponse(BaseModel):
+    model: str = Field(description="The exact version that answered, as name:version.")
+    predictions: list[Any]
+    probabilities: list[list[float]] | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+    task: str | None = None
+    version: int | None = None
+    versions: list[int] | None = None
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models() -> ModelList:
+    ctx = get_context()
+    data = []
+    for name in ctx.registry.names():
+        versions = ctx.registry.versions(name)
+        mv = ctx.resolve(f"{name}:{versions[-1]}")
+        data.append(ModelCard(id=name, created=int(mv.card.get("created_at", time.time())),
+                              owned_by=str(mv.card.get("owned_by", "maas")), task=mv.task,
+                              version=mv.version, versions=versions))
+    return ModelList(data=data)
+
+
+@router.get("/v1/models/{model_id}", response_model=ModelCard)
+async def get_model(model_id: str) -> ModelCard:
+    ctx = get_context()
+    mv = ctx.resolve(model_id)
+    return ModelCard(id=model_id, created=int(mv.card.get("created_at", 0)),
+                     owned_by=str(mv.card.get("owned_by", "maas")), task=mv.task,
+                     version=mv.version, versions=ctx.registry.versions(mv.name))
+
+
+@router.post("/v1/models/{model_id}/predict", response_model=PredictResponse,
+             response_model_exclude_none=True)
+async def predict(model_id: str, body: PredictRequest) -> PredictResponse:
+    ctx = get_context()
+    mv = ctx.resolve(model_id)
+    if len({len(row) for row in body.inputs}) != 1:
+        raise APIError(400, "inputs: every row must have the same number of values",
+                       "inputs", "invalid_shape")
+    rows = np.asarray(body.inputs, dtype=np.float64)  # (B, F)
+    check_rows(mv, rows, ctx.settings.max_rows_per_request, "inputs")
+    out = await predict_rows(ctx, mv, rows)
+    probs = out.get("probabilities")
+    return PredictResponse(model=mv.id, predictions=np.asarray(out["predictions"]).tolist(),
+                           probabilities=None if probs is None else np.asarray(probs).tolist())

@@ -1,0 +1,45 @@
+"""Application arguments: what ``apps/maas.yaml``'s ``args`` and ``maas up`` set.
+
+Per-deployment knobs (replicas, autoscaling, ``max_ongoing_requests``) stay in
+the Serve config's ``deployments:`` section, where Serve itself reads them.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from maas_ray import storage
+
+
+class PredictorArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(
+        default=64, ge=1, description="Requests merged into one forward pass; 1 turns batching off."
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.005, ge=0.0, description="How long a batch waits to fill before it runs."
+    )
+
+
+class AppArgs(BaseModel):
+    """Arguments of the one maas Serve application."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    storage: str | None = Field(
+        default=None, description="Storage root (path or s3:// / gs:// URI); default $MAAS_HOME or ~/.maas."
+    )
+    max_body_bytes: int = Field(
+        default=8 * 2**20, ge=1024, description="Largest request body accepted; larger gets 413."
+    )
+    max_rows_per_request: int = Field(
+        default=10_000, ge=1, description="Most input rows in one predict/infer request."
+    )
+    request_timeout_s: float = Field(
+        default=60.0, gt=0, description="Longest a request may wait for a model; then 503."
+    )
+    predictor: PredictorArgs = Field(default_factory=PredictorArgs, description="Tabular predictor.")
+
+    def storage_root(self) -> str:
+        return storage.storage_root(self.storage)
