@@ -26,6 +26,12 @@ def quiet_ray_data() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def joins(address: str | None) -> str | None:
+    """The cluster address to join, or None for an embedded local Ray."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    return None if address in (None, "", "local") else address
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, **init_kwargs: Any) -> Iterator[bool]:
     """Yield with Ray connected; shut down only what this call started.
@@ -39,11 +45,10 @@ def ray_session(address: str | None = None, **init_kwargs: Any) -> Iterator[bool
     if ray.is_initialized():
         yield False
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING, **init_kwargs)
-    else:
-        ray.init(logging_level=logging.WARNING, **init_kwargs)
+    address = joins(address)
+    # address="local" starts a private Ray even when a `ray start` cluster runs on
+    # this machine: joining one must be asked for with --address or $RAY_ADDRESS.
+    ray.init(address=address or "local", logging_level=logging.WARNING, **init_kwargs)
     try:
         yield True
     finally:

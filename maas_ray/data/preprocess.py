@@ -38,10 +38,10 @@ class Preprocessor:
     def n_outputs(self) -> int:
         return len(self.classes) if self.task == "classification" else 1
 
-    def transform_x(self, x: np.ndarray) -> np.ndarray:
-        """Raw features ``(B, F)`` → standardised float32 ``(B, F)``."""
+    def transform_x(self, x: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+        """Raw features ``(B, F)`` → standardised ``(B, F)`` (float32 for training)."""
         x = np.asarray(x, dtype=np.float64)
-        return ((x - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32)
+        return ((x - np.asarray(self.mean)) / np.asarray(self.std)).astype(dtype)
 
     def transform_y(self, y: np.ndarray) -> np.ndarray:
         """Raw targets → float32 standardised targets (regression) or int64 class ids."""

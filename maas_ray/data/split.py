@@ -18,11 +18,21 @@ if TYPE_CHECKING:
 _BUCKETS = 10_000
 
 
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser: every input bit affects every output bit."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
 def split_bucket(df: pd.DataFrame, seed: int) -> np.ndarray:
     """A bucket in ``[0, _BUCKETS)`` per row; stable across processes and runs."""
-    key = f"{seed:016d}"[-16:]  # pandas wants a 16-character hash key
-    hashed = pd.util.hash_pandas_object(df, index=False, hash_key=key).to_numpy()
-    return (hashed % _BUCKETS).astype(np.int64)
+    # pandas' hash_key only affects string columns, so the seed is mixed in here.
+    hashed = pd.util.hash_pandas_object(df, index=False).to_numpy(dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        salted = hashed + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
+    return (_splitmix64(salted) % np.uint64(_BUCKETS)).astype(np.int64)
 
 
 def split_dataset(

@@ -60,13 +60,20 @@ def feature_columns(schema: pa.Schema | object, target: str, features: list[str]
         if not features:
             raise DataError(f"no numeric feature columns besides {target!r} (columns: {names})")
         return features
-    missing = [f for f in features if f not in names]
+    require_numeric_columns(schema, features)
+    return features
+
+
+def require_numeric_columns(schema: pa.Schema | object, columns: list[str]) -> None:
+    """Raise :class:`DataError` unless every column exists and is numeric."""
+    names = list(schema.names)
+    types = dict(zip(names, schema.types))
+    missing = [c for c in columns if c not in names]
     if missing:
         raise DataError(f"feature columns {missing} not in data (columns: {names})")
-    bad = [f for f in features if not _is_numeric(types[f])]
+    bad = [c for c in columns if not _is_numeric(types[c])]
     if bad:
         raise DataError(f"feature columns {bad} are not numeric")
-    return features
 
 
 def _is_numeric(dtype: object) -> bool:

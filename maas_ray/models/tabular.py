@@ -47,6 +47,12 @@ class TabularModel:
     config: dict[str, Any]
     preprocessor: Preprocessor
 
+    def __post_init__(self) -> None:
+        # Inference runs in float64: float32 results depend on the batch's shape
+        # (BLAS picks kernels by size), so a row batched with others could differ
+        # from the same row alone by more than 1e-5 after un-standardising.
+        self.module = self.module.double().eval()
+
     @property
     def n_features(self) -> int:
         return self.preprocessor.n_features
@@ -58,8 +64,8 @@ class TabularModel:
             raise ValueError(
                 f"expected rows of {self.n_features} features, got shape {tuple(rows.shape)}"
             )
-        x = torch.from_numpy(self.preprocessor.transform_x(rows))
-        return self.module(x).numpy()
+        x = torch.from_numpy(self.preprocessor.transform_x(rows, np.float64))  # (B, F)
+        return self.module(x).numpy()  # (B, n_outputs)
 
     def predict(self, rows: np.ndarray) -> np.ndarray:
         """Raw rows → predictions in target units (regression) or class labels."""
@@ -71,7 +77,8 @@ class TabularModel:
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        # Weights are stored as trained (float32); inference upcasts on load.
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.module.state_dict().items()}
         save_file(state, str(folder / WEIGHTS))
         (folder / CONFIG).write_text(json.dumps(self.config, indent=2))
         (folder / PREPROCESS).write_text(json.dumps(self.preprocessor.to_dict(), indent=2))
@@ -81,6 +88,5 @@ class TabularModel:
         config = json.loads((folder / CONFIG).read_text())
         module = build_module(config)
         module.load_state_dict(load_file(str(folder / WEIGHTS)))
-        module.eval()
         pre = Preprocessor.from_dict(json.loads((folder / PREPROCESS).read_text()))
         return cls(module, config, pre)

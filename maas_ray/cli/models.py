@@ -1,0 +1,99 @@
+"""``maas models``: list, show and remove registry versions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from maas_ray.cli.common import StorageOpt, console, user_errors
+from maas_ray.registry import ModelRef, Registry
+
+app = typer.Typer(help="List, show and remove registry models.", no_args_is_help=False)
+
+
+def _when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts or 0).strftime("%Y-%m-%d %H:%M") if ts else "-"
+
+
+def _headline(metrics: dict) -> str:
+    keys = ("test_mse", "test_accuracy", "val_loss")
+    return "  ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), float))
+
+
+@app.callback(invoke_without_command=True)
+@user_errors
+def models(ctx: typer.Context, storage: StorageOpt = None) -> None:
+    """List every model version (same as `maas models ls`)."""
+    if ctx.invoked_subcommand is None:
+        ls(storage)
+
+
+@app.command()
+@user_errors
+def ls(storage: StorageOpt = None) -> None:
+    """List every model version as a table."""
+    registry = Registry(storage)
+    table = Table("model", "version", "task", "format", "created", "metrics",
+                  title=f"models in {registry.models_uri}")
+    for mv in registry.all_versions():
+        table.add_row(mv.name, str(mv.version), mv.task, str(mv.card.get("format", "")),
+                      _when(mv.card.get("created_at")), _headline(mv.card.get("metrics", {})))
+    console.print(table if table.row_count else f"no models yet in {registry.models_uri}")
+
+
+@app.command()
+@user_errors
+def show(
+    model: Annotated[str, typer.Argument(help="name (latest) or name:version")],
+    storage: StorageOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the raw card.")] = False,
+) -> None:
+    """Print a version's model card."""
+    registry = Registry(storage)
+    mv = registry.get(model)
+    if json_out:
+        console.print_json(json.dumps(mv.card, default=str))
+        return
+    table = Table(show_header=False, title=f"{mv.id}")
+    table.add_row("task", mv.task)
+    table.add_row("format", str(mv.card.get("format", "")))
+    table.add_row("created", _when(mv.card.get("created_at")))
+    table.add_row("location", mv.uri)
+    for key in ("description", "base_model", "training_time_s"):
+        if mv.card.get(key) not in (None, ""):
+            table.add_row(key, str(mv.card[key]))
+    if "data" in mv.card:
+        table.add_row("data", json.dumps(mv.card["data"]))
+    for key, value in mv.card.get("metrics", {}).items():
+        table.add_row(f"metric {key}", f"{value:.6g}" if isinstance(value, float) else str(value))
+    curve = mv.card.get("loss_curve") or []
+    if curve:
+        points = ", ".join(f"{e['train_loss']:.3g}" for e in curve[:: max(1, len(curve) // 10)])
+        table.add_row("train loss curve", points)
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def rm(
+    model: Annotated[str, typer.Argument(help="name:version removes one version; name removes all")],
+    storage: StorageOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Remove one version or every version of a model."""
+    registry = Registry(storage)
+    ref = ModelRef.parse(model)
+    targets = [registry.get(ref)] if ref.version is not None else [
+        registry.get(ModelRef(ref.name, v)) for v in registry.versions(ref.name)
+    ]
+    if not targets:
+        registry.get(ref)  # raises ModelNotFound with a clear message
+    ids = ", ".join(mv.id for mv in targets)
+    if not yes and not typer.confirm(f"remove {ids}?"):
+        raise typer.Exit(1)
+    registry.remove(ref)
+    console.print(f"removed {ids}")

@@ -1,0 +1,92 @@
+"""Shared fixtures: one local Ray and one storage root for the whole session.
+
+Unit tests use none of these. Integration tests take ``ray_session``; tests that
+talk HTTP take ``serve_url`` (one Serve instance on a free loopback port).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Fewer seconds per Ray Train report; read when a trainer starts.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_example(name: str):
+    """Import ``examples/{name}/run.py`` under a unique module name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / name / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def maas_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The session's storage root, exported as MAAS_HOME for code that reads it."""
+    root = str(tmp_path_factory.mktemp("maas-home"))
+    old = os.environ.get("MAAS_HOME")
+    os.environ["MAAS_HOME"] = root
+    yield root
+    if old is None:
+        os.environ.pop("MAAS_HOME", None)
+    else:
+        os.environ["MAAS_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def ray_session(maas_home: str) -> Iterator[None]:
+    """One local Ray for every integration test; 4 logical CPUs on 2 cores so
+    fractional trainers, data tasks and Serve replicas fit side by side."""
+    import ray
+
+    from maas_ray.runtime import quiet_ray_data
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"MAAS_HOME": maas_home}})
+    quiet_ray_data()
+    try:
+        yield
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def regression_model(ray_session: None, maas_home: str):
+    """The regression example trained once: (TrainResult, the example module)."""
+    example = load_example("regression")
+    return example.main(maas_home), example
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_session: None, maas_home: str) -> str:
+    """The maas app on a free loopback port, deployed once for the session."""
+    from ray import serve
+
+    from maas_ray.serve.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"storage": maas_home, "max_body_bytes": 64 * 1024}),
+              name="maas", route_prefix="/")
+    return f"http://127.0.0.1:{port}"

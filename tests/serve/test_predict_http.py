@@ -1,0 +1,128 @@
+"""The Serve app over real HTTP: same answers as in-process, clear 4xx on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from maas_ray.config import load_spec
+from maas_ray.models.tabular import TabularModel
+from maas_ray.registry import Registry
+
+pytestmark = pytest.mark.integration
+
+ROWS = pd.read_csv("examples/regression/diabetes.csv").drop(columns="target").to_numpy()[:50]
+
+
+@pytest.fixture(scope="module")
+def client(serve_url: str, regression_model):
+    with httpx.Client(base_url=serve_url, timeout=60) as c:
+        yield c
+
+
+def _in_process(maas_home: str, model_id: str) -> np.ndarray:
+    reg = Registry(maas_home)
+    return TabularModel.load(reg.local_dir(reg.get(model_id))).predict(ROWS)
+
+
+def test_served_predictions_equal_in_process(client: httpx.Client, regression_model, maas_home: str) -> None:
+    result, _ = regression_model
+    mid = result.version.id
+    r = client.post(f"/v1/models/{mid}/predict", json={"inputs": ROWS.tolist()})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == mid
+    np.testing.assert_allclose(body["predictions"], _in_process(maas_home, mid), rtol=0, atol=1e-5)
+
+
+def test_open_inference_protocol_answers_the_same(client: httpx.Client, regression_model, maas_home: str) -> None:
+    result, _ = regression_model
+    mv = result.version
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    meta = client.get(f"/v2/models/{mv.name}").json()
+    assert meta["inputs"][0]["shape"] == [-1, 10]
+    req = {"id": "r1", "inputs": [{"name": "input-0", "shape": list(ROWS.shape), "datatype": "FP64",
+                                   "data": ROWS.reshape(-1).tolist()}]}
+    r = client.post(f"/v2/models/{mv.name}/versions/{mv.version}/infer", json=req)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["model_name"] == mv.name and out["model_version"] == str(mv.version) and out["id"] == "r1"
+    assert out["outputs"][0]["shape"] == [len(ROWS)]
+    np.testing.assert_allclose(out["outputs"][0]["data"], _in_process(maas_home, mv.id), atol=1e-5)
+
+
+def test_concurrent_requests_are_batched_and_correct(client: httpx.Client, regression_model, maas_home: str) -> None:
+    import concurrent.futures as cf
+
+    mid = regression_model[0].version.id
+    expected = _in_process(maas_home, mid)
+
+    def one(i: int) -> float:
+        r = client.post(f"/v1/models/{mid}/predict", json={"inputs": [ROWS[i].tolist()]})
+        assert r.status_code == 200, r.text
+        return r.json()["predictions"][0]
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(one, range(len(ROWS))))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+GOOD = ROWS[0].tolist()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "needle"),
+    [
+        ("/v1/models/diabetes-linear/predict", b"{not json", 400, "malformed JSON"),
+        ("/v1/models/diabetes-linear/predict", {"inputs": [GOOD[:3]]}, 400, "expects 10 features"),
+        ("/v1/models/diabetes-linear/predict", {"inputs": [GOOD, GOOD[:9]]}, 400, "same number"),
+        ("/v1/models/diabetes-linear/predict", {"inputs": [["a"] * 10]}, 400, "valid number"),
+        ("/v1/models/diabetes-linear/predict", b'{"inputs": [[NaN,1,1,1,1,1,1,1,1,1]]}', 400, "finite"),
+        ("/v1/models/diabetes-linear/predict", {"inputs": []}, 400, "at least 1"),
+        ("/v1/models/diabetes-linear/predict", {"rows": [GOOD]}, 400, "inputs"),
+        ("/v1/models/no-such-model/predict", {"inputs": [GOOD]}, 404, "does not exist"),
+        ("/v1/models/diabetes-linear:999/predict", {"inputs": [GOOD]}, 404, "no version 999"),
+        ("/v1/models/bad..name/predict", {"inputs": [GOOD]}, 400, "invalid model name"),
+        ("/v1/models/diabetes-linear/predict", {"inputs": [GOOD] * 2000}, 413, "exceeds the limit"),
+        ("/v2/models/diabetes-linear/infer",
+         {"inputs": [{"name": "input-0", "shape": [1, 9], "datatype": "FP32", "data": GOOD}]}, 400, "do not fill"),
+        ("/v2/models/diabetes-linear/infer",
+         {"inputs": [{"name": "input-0", "shape": [1, 10], "datatype": "BYTES", "data": GOOD}]}, 400, "not numeric"),
+        ("/v2/models/ghost/infer",
+         {"inputs": [{"name": "input-0", "shape": [1, 10], "datatype": "FP32", "data": GOOD}]}, 404, "ghost"),
+    ],
+)
+def test_bad_input_gets_clear_4xx_and_replica_keeps_serving(
+    client: httpx.Client, path: str, body, status: int, needle: str
+) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = client.post(path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    message = error if isinstance(error, str) else error["message"]
+    assert needle in message
+    ok = client.post("/v1/models/diabetes-linear/predict", json={"inputs": [GOOD]})
+    assert ok.status_code == 200
+
+
+def test_new_version_is_served_without_redeploy(client: httpx.Client, regression_model, maas_home: str, tmp_path) -> None:
+    from maas_ray.train import run_training
+
+    before = client.post("/v1/models/diabetes-linear/predict", json={"inputs": [GOOD]}).json()["model"]
+    spec = load_spec("examples/regression/spec.yaml")
+    quick = spec.model_copy(update={
+        "training": spec.training.model_copy(update={"epochs": 3, "seed": 7}),
+        "scaling": spec.scaling.model_copy(update={"num_workers": 1}),
+    })
+    new = run_training(quick, maas_home).version
+    assert new.id != before
+    r = client.post("/v1/models/diabetes-linear/predict", json={"inputs": ROWS.tolist()})
+    assert r.status_code == 200
+    assert r.json()["model"] == new.id
+    np.testing.assert_allclose(r.json()["predictions"], _in_process(maas_home, new.id), atol=1e-5)
+    listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert listed["diabetes-linear"]["version"] == new.version
