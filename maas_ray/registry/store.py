@@ -112,6 +112,19 @@ class Registry:
             card = json.loads(fh.read())
         return ModelVersion(ref.name, version, storage.join(self.models_uri, ref.name, str(version)), card)
 
+    def change_stamp(self, name: str) -> int | None:
+        """Something that changes whenever a version of ``name`` is added or removed.
+
+        Local disk: the folder's mtime in ns (publish and remove both rename inside
+        it). Object stores have no such cheap signal: None means "always re-read".
+        """
+        if not self._local:
+            return None
+        try:
+            return os.stat(Path(self._base) / validate_name(name)).st_mtime_ns
+        except FileNotFoundError:
+            return None
+
     def all_versions(self) -> list[ModelVersion]:
         """Every complete version of every model."""
         return [self.get(ModelRef(n, v)) for n in self.names() for v in self.versions(n)]

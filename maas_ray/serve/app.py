@@ -20,9 +20,10 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
     settings = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     # Pin the storage root now so every replica sees the same one.
     settings = settings.model_copy(update={"storage": settings.storage_root()})
-    predictor = Predictor.bind(
+    logging_config = {"enable_access_log": settings.access_log}
+    predictor = Predictor.options(logging_config=logging_config).bind(
         settings.storage,
         settings.predictor.max_batch_size,
         settings.predictor.batch_wait_timeout_s,
     )
-    return Ingress.bind(settings, predictor=predictor)
+    return Ingress.options(logging_config=logging_config).bind(settings, predictor=predictor)

@@ -7,6 +7,7 @@ replica fills this in at start-up and route functions read it through
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,17 +22,38 @@ class ServiceContext:
     handles: dict[str, Any] = field(default_factory=dict)
     # name:version → card; versions are immutable, so this never goes stale.
     _cards: dict[str, ModelVersion] = field(default_factory=dict)
+    # name → (folder mtime in ns, when we read it in ns, latest version)
+    _latest: dict[str, tuple[int, int, ModelVersion]] = field(default_factory=dict)
 
     def resolve(self, model_id: str) -> ModelVersion:
-        """``name`` → its latest version (read fresh, so new versions appear at once)."""
+        """``name`` → its latest version; ``name:version`` → that version.
+
+        The latest version is re-read whenever the model's folder changes (a
+        publish or removal renames inside it), so a new version is served on the
+        very next request without listing storage on every call.
+        """
         ref = ModelRef.parse(model_id)
-        if ref.version is not None and str(ref) in self._cards:
+        if ref.version is not None:
+            if str(ref) not in self._cards:
+                mv = self.registry.get(ref)
+                self._cards[mv.id] = mv
             return self._cards[str(ref)]
+        stamp = self.registry.change_stamp(ref.name)
+        cached = self._latest.get(ref.name)
+        # mtimes tick coarsely: trust an unchanged stamp only if our read came
+        # well after it, so a change in the same tick cannot hide.
+        if stamp is not None and cached is not None and cached[0] == stamp \
+                and cached[1] - stamp > _MTIME_SLACK_NS:
+            return cached[2]
+        read_at = time.time_ns()
         mv = self.registry.get(ref)
         self._cards[mv.id] = mv
+        if stamp is not None:
+            self._latest[ref.name] = (stamp, read_at, mv)
         return mv
 
 
+_MTIME_SLACK_NS = 100_000_000  # 100 ms
 _CONTEXT: ServiceContext | None = None
 
 

@@ -39,6 +39,10 @@ class AppArgs(BaseModel):
     request_timeout_s: float = Field(
         default=60.0, gt=0, description="Longest a request may wait for a model; then 503."
     )
+    access_log: bool = Field(
+        default=False,
+        description="Log every request in the replicas (costs CPU per request; off by default).",
+    )
     predictor: PredictorArgs = Field(default_factory=PredictorArgs, description="Tabular predictor.")
 
     def storage_root(self) -> str:

@@ -88,7 +88,7 @@ def test_maas_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         assert r.status_code == 200
         r = httpx.post(f"http://127.0.0.1:{port}/v1/models/missing/predict", json={"inputs": [[1.0]]})
         assert r.status_code == 404
-        assert "maas is up" in log_path.read_text()
+        wait_for(lambda: "maas is up" in log_path.read_text(), 60, proc, "the start-up banner")
     finally:
         code = stop(proc)
     assert code == 0, log_path.read_text()[-3000:]

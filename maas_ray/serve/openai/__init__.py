@@ -1,0 +1,1 @@
+"""OpenAI-compatible chat, completions and embeddings: wire types, router, logic."""
