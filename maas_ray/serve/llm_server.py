@@ -1,0 +1,78 @@
+"""Chat/completion deployment: registry chat models on demand, continuous batching.
+
+Each replica keeps up to ``MAX_LLMS_PER_REPLICA`` engines (LRU via
+``@serve.multiplexed``); each engine runs iteration-level batching over every
+request routed to it, so concurrent requests share decode steps.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from maas_ray.registry import Registry
+
+MAX_LLMS_PER_REPLICA = int(os.environ.get("MAAS_MAX_LLMS_PER_REPLICA", "2"))
+# A request without max_tokens generates at most this many (and never past the context).
+DEFAULT_MAX_TOKENS = int(os.environ.get("MAAS_DEFAULT_MAX_TOKENS", "256"))
+
+
+@serve.deployment(
+    # Continuous batching only helps if many requests reach the replica at once
+    # (Serve's default of 5 would cap the batch; ray-project/ray#43288).
+    max_ongoing_requests=64,
+    ray_actor_options={"num_cpus": 1},
+)
+class LLMServer:
+    def __init__(self, storage_root: str, max_batch_size: int = 16) -> None:
+        self.registry = Registry(storage_root)
+        self.max_batch_size = max_batch_size
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_LLMS_PER_REPLICA)
+    async def get_engine(self, model_id: str) -> Any:
+        import asyncio
+
+        from maas_ray.serve.llm import TransformersEngine
+
+        mv = self.registry.get(model_id)
+        path = await asyncio.to_thread(self.registry.local_dir, mv)
+        return await asyncio.to_thread(TransformersEngine, path, max_batch_size=self.max_batch_size)
+
+    async def generate(self, model_id: str, prompt: str | list[dict[str, str]],
+                       params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """First yields ``{"prompt_tokens"}`` or ``{"error"}``, then text deltas."""
+        from maas_ray.serve.llm import SamplingParams
+
+        engine = await self.get_engine(model_id)
+        ids = engine.apply_chat_template(prompt) if isinstance(prompt, list) else engine.encode(prompt)
+        room = engine.context_length - len(ids)
+        max_tokens = params.get("max_tokens")
+        if room <= 0:
+            yield {"error": f"the prompt has {len(ids)} tokens; model {model_id!r} takes at most "
+                            f"{engine.context_length - 1}", "param": "messages",
+                   "code": "context_length_exceeded"}
+            return
+        if max_tokens is not None and max_tokens > room:
+            yield {"error": f"max_tokens={max_tokens} plus the prompt's {len(ids)} tokens exceeds "
+                            f"the context length {engine.context_length}", "param": "max_tokens",
+                   "code": "context_length_exceeded"}
+            return
+        sampling = SamplingParams(
+            max_tokens=max_tokens or min(DEFAULT_MAX_TOKENS, room),
+            temperature=params.get("temperature", 1.0),
+            top_p=params.get("top_p", 1.0),
+            stop=list(params.get("stop") or []),
+            seed=params.get("seed"),
+        )
+        yield {"prompt_tokens": len(ids)}
+        async for chunk in engine.generate(ids, sampling, request_id=uuid.uuid4().hex):
+            yield {"text": chunk.text, "finish_reason": chunk.finish_reason,
+                   "completion_tokens": chunk.completion_tokens}
+
+    async def stats(self, model_id: str) -> dict[str, int]:
+        """Running/waiting sequences of a model's engine (tests check freed slots)."""
+        return (await self.get_engine(model_id)).stats()

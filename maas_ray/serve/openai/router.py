@@ -1,0 +1,47 @@
+"""``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from maas_ray.serve.context import get_context
+from maas_ray.serve.openai import protocol as p
+from maas_ray.serve.openai import serving
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(req: p.ChatCompletionRequest) -> Any:
+    ctx = get_context()
+    mv = ctx.resolve(req.model)
+    serving.require_task(mv, serving.CHAT_TASKS, "/v1/chat/completions")
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    if req.stream:
+        events = await serving.stream_sse(ctx, mv, req, messages, chat=True)
+        return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+    return await serving.complete(ctx, mv, req, messages, chat=True)
+
+
+@router.post("/completions", response_model=None)
+async def completions(req: p.CompletionRequest) -> Any:
+    ctx = get_context()
+    mv = ctx.resolve(req.model)
+    serving.require_task(mv, serving.CHAT_TASKS, "/v1/completions")
+    if req.stream:
+        events = await serving.stream_sse(ctx, mv, req, req.prompt_text(), chat=False)
+        return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+    return await serving.complete(ctx, mv, req, req.prompt_text(), chat=False)
+
+
+@router.post("/embeddings")
+async def embeddings(req: p.EmbeddingRequest) -> dict[str, Any]:
+    ctx = get_context()
+    mv = ctx.resolve(req.model)
+    serving.require_task(mv, serving.EMBEDDING_TASKS, "/v1/embeddings")
+    return await serving.embed(ctx, mv, req)

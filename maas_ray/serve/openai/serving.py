@@ -1,0 +1,163 @@
+"""The logic behind the OpenAI routes: prompts in, OpenAI-shaped answers out.
+
+Model deployments stream plain dicts: first ``{"prompt_tokens": n}`` (or
+``{"error": ..., "param": ...}`` for input the model cannot take, so a bad
+request fails with a 4xx before any SSE starts), then one dict per decoded
+delta ``{"text", "finish_reason", "completion_tokens"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+
+from maas_ray.registry import ModelVersion
+from maas_ray.serve.context import ServiceContext
+from maas_ray.serve.errors import APIError
+from maas_ray.serve.openai import protocol as p
+
+CHAT_TASKS = ("chat",)
+EMBEDDING_TASKS = ("embedding",)
+
+
+def require_task(mv: ModelVersion, tasks: tuple[str, ...], route: str) -> None:
+    if mv.task not in tasks:
+        raise APIError(400, f"model {mv.id!r} is a {mv.task!r} model and cannot serve {route}",
+                       "model", "model_not_supported")
+
+
+def sampling(req: p.SamplingFields, new_tokens: int | None, seed_offset: int) -> dict[str, Any]:
+    return {"max_tokens": new_tokens, "temperature": req.temperature, "top_p": req.top_p,
+            "stop": req.stop_list(),
+            "seed": None if req.seed is None else req.seed + seed_offset}
+
+
+async def open_stream(ctx: ServiceContext, mv: ModelVersion, prompt: Any,
+                      params: dict[str, Any]) -> tuple[Any, int]:
+    """Start one generation; return (the response stream, prompt token count)."""
+    handle = ctx.handles["llm"].options(multiplexed_model_id=mv.id, stream=True)
+    stream = handle.generate.remote(mv.id, prompt, params)
+    first = await stream.__anext__()
+    if "error" in first:
+        stream.cancel()
+        raise APIError(400, first["error"], first.get("param"), first.get("code", "invalid_value"))
+    return stream, int(first["prompt_tokens"])
+
+
+async def collect(stream: Any) -> tuple[str, str, int]:
+    text, finish, count = [], "stop", 0
+    async for chunk in stream:
+        text.append(chunk.get("text", ""))
+        count = chunk.get("completion_tokens", count)
+        finish = chunk.get("finish_reason") or finish
+    return "".join(text), finish, count
+
+
+async def complete(ctx: ServiceContext, mv: ModelVersion, req: p.SamplingFields,
+                   prompt: Any, chat: bool) -> dict[str, Any]:
+    """Non-streaming chat/completion with ``n`` choices."""
+    opened = [await open_stream(ctx, mv, prompt, sampling(req, req.new_tokens(), i))  # type: ignore[attr-defined]
+              for i in range(req.n)]
+    results = await asyncio.gather(*(collect(stream) for stream, _ in opened))
+    prompt_tokens = opened[0][1]
+    completion_tokens = sum(r[2] for r in results)
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish, "logprobs": None}
+                   for i, (text, finish, _) in enumerate(results)]
+        obj, rid = "chat.completion", p.new_id("chatcmpl")
+    else:
+        choices = [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}
+                   for i, (text, finish, _) in enumerate(results)]
+        obj, rid = "text_completion", p.new_id("cmpl")
+    return {"id": rid, "object": obj, "created": p.now(), "model": mv.id, "choices": choices,
+            "usage": p.usage(prompt_tokens, completion_tokens)}
+
+
+async def stream_sse(ctx: ServiceContext, mv: ModelVersion, req: p.SamplingFields,
+                     prompt: Any, chat: bool) -> AsyncIterator[str]:
+    """Open every choice's stream first (so input errors are 4xx), then yield SSE."""
+    opened = [await open_stream(ctx, mv, prompt, sampling(req, req.new_tokens(), i))  # type: ignore[attr-defined]
+              for i in range(req.n)]
+    return _sse(mv, req, opened, chat)
+
+
+async def _sse(mv: ModelVersion, req: p.SamplingFields, opened: list[tuple[Any, int]],
+               chat: bool) -> AsyncIterator[str]:
+    rid = p.new_id("chatcmpl" if chat else "cmpl")
+    created = p.now()
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    queue: asyncio.Queue = asyncio.Queue()
+    counts = [0] * len(opened)
+
+    async def pump(index: int, stream: Any) -> None:
+        try:
+            async for chunk in stream:
+                await queue.put((index, chunk))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, (s, _) in enumerate(opened)]
+    try:
+        if chat:  # OpenAI sends the role first
+            for i in range(len(opened)):
+                yield _event(p.chat_chunk(rid, mv.id, created, [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
+        live = len(opened)
+        while live:
+            index, chunk = await queue.get()
+            if chunk is None:
+                live -= 1
+                continue
+            counts[index] = chunk.get("completion_tokens", counts[index])
+            finish = chunk.get("finish_reason")
+            text = chunk.get("text", "")
+            if chat:
+                choice = {"index": index, "delta": {"content": text} if text else {},
+                          "finish_reason": finish, "logprobs": None}
+                body = p.chat_chunk(rid, mv.id, created, [choice])
+            else:
+                body = {"id": rid, "object": "text_completion", "created": created, "model": mv.id,
+                        "choices": [{"index": index, "text": text, "finish_reason": finish,
+                                     "logprobs": None}]}
+            if text or finish:
+                yield _event(body)
+        if include_usage:
+            usage = p.usage(opened[0][1], sum(counts))
+            if chat:
+                yield _event(p.chat_chunk(rid, mv.id, created, [], usage))
+            else:
+                yield _event({"id": rid, "object": "text_completion", "created": created,
+                              "model": mv.id, "choices": [], "usage": usage})
+        yield "data: [DONE]\n\n"
+    finally:
+        # Client gone or done: stop every generation so its batch slot is freed.
+        for (stream, _), task in zip(opened, tasks):
+            task.cancel()
+            stream.cancel()
+
+
+def _event(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def embed(ctx: ServiceContext, mv: ModelVersion, req: p.EmbeddingRequest) -> dict[str, Any]:
+    handle = ctx.handles["embedder"].options(multiplexed_model_id=mv.id)
+    texts = req.texts()
+    result = await handle.embed.remote(mv.id, texts, req.dimensions)
+    if "error" in result:
+        raise APIError(400, result["error"], result.get("param"), "invalid_value")
+    vectors = np.asarray(result["embeddings"], dtype=np.float32)  # (N, D)
+    data = []
+    for i, vec in enumerate(vectors):
+        value: Any = (base64.b64encode(vec.astype("<f4").tobytes()).decode()
+                      if req.encoding_format == "base64" else vec.tolist())
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    tokens = int(result["prompt_tokens"])
+    return {"object": "list", "data": data, "model": mv.id,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
