@@ -17,16 +17,41 @@ class SpecError(ValueError):
 
 def format_validation_error(err: ValidationError, origin: str = "spec") -> str:
     """One line per problem: ``origin: field.path: got X: expected Y``."""
-    lines = []
-    for item in err.errors():
-        path = ".".join(str(p) for p in item["loc"]) or "(top level)"
+    lines: list[str] = []
+    items = err.errors()
+    paths = [".".join(str(p) for p in i["loc"] if not _is_union_tag(p)) or "(top level)" for i in items]
+    # For a union (e.g. num_workers: int | {min, max}), drop "wrong type" errors of
+    # the branch the user clearly did not mean when another branch said more.
+    keep = [
+        not (i["type"] in _BRANCH_MISMATCH and any(
+            q.startswith(path) and j["type"] not in _BRANCH_MISMATCH
+            for q, j in zip(paths, items) if j is not i))
+        for i, path in zip(items, paths)
+    ]
+    for item, path, kept in zip(items, paths, keep):
+        if not kept:
+            continue
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see `maas train --explain`)"
         got = item.get("input")
         got_txt = "" if item["type"] in ("missing",) else f" (got {got!r:.60})"
-        lines.append(f"{origin}: {path}: {msg}{got_txt}")
+        line = f"{origin}: {path}: {msg.removeprefix('Value error, ')}{got_txt}"
+        if line not in lines:
+            lines.append(line)
     return "\n".join(lines)
+
+
+def _is_union_tag(part: object) -> bool:
+    """Pydantic names the branch of a union in error paths ('int', 'WorkerRange', ...)."""
+    if not isinstance(part, str):
+        return False
+    return ("[" in part or "-" in part or part[:1].isupper()
+            or part in {"int", "float", "str", "bool", "dict", "list"})
+
+
+_BRANCH_MISMATCH = {"int_type", "int_parsing", "float_type", "dict_type", "model_type",
+                    "model_attributes_type", "string_type"}
 
 
 def parse_spec(raw: Any, origin: str = "spec", base_dir: Path | None = None) -> TrainSpec:

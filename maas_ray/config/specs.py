@@ -6,7 +6,7 @@ and HTTP schemas are generated from these models, never written twice.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -101,11 +101,35 @@ class TrainingSpec(_Spec):
     )
 
 
+class WorkerRange(_Spec):
+    """Elastic worker count: start with what is available, grow up to ``max``."""
+
+    min: int = Field(ge=1, description="Fewest workers training may run with.")
+    max: int = Field(ge=1, description="Most workers training grows to when resources appear.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WorkerRange:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be at least min ({self.min})")
+        return self
+
+
 class ScalingSpec(_Spec):
     """How many workers and what each gets."""
 
-    num_workers: int = Field(default=1, ge=1, description="Data-parallel training workers.")
+    num_workers: Annotated[int, Field(ge=1)] | WorkerRange = Field(
+        default=1,
+        description="Data-parallel training workers: a number, or {min, max} for elastic "
+        "training that resizes as nodes come and go (restarting from the latest checkpoint).",
+    )
+    elastic_resize_interval_s: float = Field(
+        default=60.0, gt=0, description="How often elastic training checks for room to grow."
+    )
     use_gpu: bool = Field(default=False, description="Give each worker one GPU (CUDA + NCCL).")
+
+    def ray_num_workers(self) -> int | tuple[int, int]:
+        n = self.num_workers
+        return n if isinstance(n, int) else (n.min, n.max)
     cpus_per_worker: float = Field(
         default=1.0, gt=0.0, description="CPUs reserved per worker; fractions share cores."
     )

@@ -136,7 +136,8 @@ def run_training(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers,
+            num_workers=scaling.ray_num_workers(),
+            elastic_resize_monitor_interval_s=scaling.elastic_resize_interval_s,
             use_gpu=scaling.use_gpu,
             resources_per_worker={"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker},
         ),

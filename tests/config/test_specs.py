@@ -38,6 +38,8 @@ def test_defaults_fill_in() -> None:
         ({"data": {"source": "t.csv", "target": "y", "test_fraction": 0.5, "validation_fraction": 0.45}},
          "validation_fraction + test_fraction"),
         ({"model": {"kind": "mlp", "hidden_sizes": [8, 0]}}, "hidden_sizes"),
+        ({"scaling": {"num_workers": {"min": 3, "max": 2}}}, "scaling.num_workers: max (2) must be at least min (3)"),
+        ({"scaling": {"num_workers": {"min": 1}}}, "scaling.num_workers.max: Field required"),
     ],
 )
 def test_bad_fields_are_named(patch: dict, needle: str) -> None:
@@ -68,3 +70,9 @@ def test_not_a_mapping(tmp_path: Path) -> None:
     path.write_text("- just\n- a list\n")
     with pytest.raises(SpecError, match="expected a mapping"):
         load_spec(path)
+
+
+def test_elastic_worker_range() -> None:
+    spec = parse_spec({**GOOD, "scaling": {"num_workers": {"min": 1, "max": 2}}})
+    assert spec.scaling.ray_num_workers() == (1, 2)
+    assert parse_spec(GOOD).scaling.ray_num_workers() == 1
