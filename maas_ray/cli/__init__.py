@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from maas_ray.cli import models, predict, train, up
+from maas_ray.cli import chat, models, predict, train, up
 
 app = typer.Typer(
     name="maas",
@@ -18,6 +18,8 @@ app = typer.Typer(
 app.command("up")(up.up)
 app.command("train")(train.train)
 app.command("predict")(predict.predict)
+app.command("chat")(chat.chat)
+app.command("embed")(chat.embed)
 app.add_typer(models.app, name="models")
 
 

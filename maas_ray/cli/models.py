@@ -97,3 +97,32 @@ def rm(
         raise typer.Exit(1)
     registry.remove(ref)
     console.print(f"removed {ids}")
+
+
+@app.command("import")
+@user_errors
+def import_(
+    source: Annotated[str | None, typer.Argument(
+        help="A local Hugging Face model folder; omit to import the built-in base models.")] = None,
+    name: Annotated[str | None, typer.Option(help="Registry name for SOURCE.")] = None,
+    task: Annotated[str, typer.Option(help="chat | embedding | text-classification")] = "chat",
+    storage: StorageOpt = None,
+) -> None:
+    """Import the offline base models (SmolLM2, MiniLM) or a local HF folder as safetensors."""
+    from pathlib import Path
+
+    from maas_ray.registry.importer import ensure_base_models, import_hf_model
+
+    registry = Registry(storage)
+    with console.status("importing...", spinner="dots") as status:
+        def progress(message: str) -> None:
+            status.update(message)
+
+        if source is None:
+            versions = ensure_base_models(registry, progress=progress)
+        else:
+            if not name:
+                raise typer.BadParameter("--name is required with a SOURCE folder")
+            versions = [import_hf_model(registry, name, Path(source), task, progress=progress)]
+    for mv in versions:
+        console.print(f"{mv.id}  ({mv.task})")

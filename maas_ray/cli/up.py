@@ -21,6 +21,8 @@ def up(
     storage: StorageOpt = None,
     address: AddressOpt = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs for an embedded Ray [default: all].")] = None,
+    import_base: Annotated[bool, typer.Option(
+        help="Import the offline base models (SmolLM2, MiniLM) if the registry lacks them.")] = True,
 ) -> None:
     """Start Ray (embedded unless --address), the maas app, and serve until Ctrl-C.
 
@@ -34,6 +36,13 @@ def up(
 
     root = st.storage_root(storage)
     os.environ["MAAS_HOME"] = root  # training jobs started from here use the same root
+    if import_base:
+        from maas_ray.registry import Registry
+        from maas_ray.registry.importer import ensure_base_models
+
+        with console.status("checking base models...", spinner="dots") as status:
+            for mv in ensure_base_models(Registry(root), progress=status.update):
+                console.print(f"base model {mv.id} ({mv.task})")
     init: dict = {} if joins(address) else {
         "_metrics_export_port": metrics_port, "num_cpus": num_cpus}
     stop = threading.Event()

@@ -10,13 +10,15 @@ from typing import Any
 
 from ray.serve import Application
 
+from maas_ray.serve.embedding_server import EmbeddingServer
 from maas_ray.serve.ingress import Ingress
+from maas_ray.serve.llm_server import LLMServer
 from maas_ray.serve.predictor import Predictor
 from maas_ray.serve.settings import AppArgs
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
-    """The application graph: ingress → predictor (tabular)."""
+    """The application graph: ingress → predictor (tabular), LLM server, embedder."""
     settings = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     # Pin the storage root now so every replica sees the same one.
     settings = settings.model_copy(update={"storage": settings.storage_root()})
@@ -26,4 +28,9 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
         settings.predictor.max_batch_size,
         settings.predictor.batch_wait_timeout_s,
     )
-    return Ingress.options(logging_config=logging_config).bind(settings, predictor=predictor)
+    llm = LLMServer.options(logging_config=logging_config).bind(
+        settings.storage, settings.llm.max_batch_size)
+    embedder = EmbeddingServer.options(logging_config=logging_config).bind(
+        settings.storage, settings.embeddings.max_batch_size, settings.embeddings.batch_wait_timeout_s)
+    return Ingress.options(logging_config=logging_config).bind(
+        settings, predictor=predictor, llm=llm, embedder=embedder)

@@ -13,6 +13,7 @@ from maas_ray.registry import Registry
 from maas_ray.serve.context import ServiceContext, get_context, set_context
 from maas_ray.serve.errors import install_error_handlers
 from maas_ray.serve.limits import BodySizeLimit
+from maas_ray.serve.openai import router as openai_router
 from maas_ray.serve.routes import health, oip, tabular
 from maas_ray.serve.settings import AppArgs
 
@@ -27,7 +28,7 @@ def make_fastapi_app() -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=lambda: get_context().settings.max_body_bytes)
-    for module in (health, tabular, oip):
+    for module in (health, tabular, openai_router, oip):
         app.include_router(module.router)
     return app
 
@@ -35,7 +36,7 @@ def make_fastapi_app() -> FastAPI:
 fastapi_app = make_fastapi_app()
 
 
-@serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(fastapi_app)
 class Ingress:
     """Authenticates, validates and routes; model work happens in the handles."""

@@ -24,7 +24,7 @@ MAX_MODELS_PER_REPLICA = int(os.environ.get("MAAS_MAX_MODELS_PER_REPLICA", "16")
 @serve.deployment(
     # Batches only fill if enough requests reach a replica (ray-project/ray#43288).
     max_ongoing_requests=256,
-    ray_actor_options={"num_cpus": 0.5},
+    ray_actor_options={"num_cpus": 0.25},
 )
 class Predictor:
     def __init__(self, storage_root: str, max_batch_size: int = 64,

@@ -22,6 +22,21 @@ class PredictorArgs(BaseModel):
     )
 
 
+class LLMArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(
+        default=16, ge=1, description="Most sequences decoded together in one step (per model)."
+    )
+
+
+class EmbeddingArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(default=32, ge=1, description="Requests merged into one forward pass.")
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0.0, description="How long a batch waits to fill.")
+
+
 class AppArgs(BaseModel):
     """Arguments of the one maas Serve application."""
 
@@ -44,6 +59,8 @@ class AppArgs(BaseModel):
         description="Log every request in the replicas (costs CPU per request; off by default).",
     )
     predictor: PredictorArgs = Field(default_factory=PredictorArgs, description="Tabular predictor.")
+    llm: LLMArgs = Field(default_factory=LLMArgs, description="Chat/completion models.")
+    embeddings: EmbeddingArgs = Field(default_factory=EmbeddingArgs, description="Embedding models.")
 
     def storage_root(self) -> str:
         return storage.storage_root(self.storage)
