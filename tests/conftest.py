@@ -79,6 +79,16 @@ def regression_model(ray_session: None, maas_home: str):
 
 
 @pytest.fixture(scope="session")
+def base_models(maas_home: str) -> dict[str, str]:
+    """SmolLM2 and MiniLM imported once into the session registry: {name: local dir}."""
+    from maas_ray.registry import Registry
+    from maas_ray.registry.importer import ensure_base_models
+
+    registry = Registry(maas_home)
+    return {mv.name: str(registry.local_dir(mv)) for mv in ensure_base_models(registry)}
+
+
+@pytest.fixture(scope="session")
 def serve_url(ray_session: None, maas_home: str) -> str:
     """The maas app on a free loopback port, deployed once for the session."""
     from ray import serve
