@@ -86,6 +86,8 @@ def test_maas_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
                  240, proc, "maas up to answer /healthz")
         r = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10)
         assert r.status_code == 200
+        # first start on an empty registry imported the offline base models
+        assert {m["id"] for m in r.json()["data"]} >= {"smollm2-135m-instruct", "all-minilm-l6-v2"}
         r = httpx.post(f"http://127.0.0.1:{port}/v1/models/missing/predict", json={"inputs": [[1.0]]})
         assert r.status_code == 404
         wait_for(lambda: "maas is up" in log_path.read_text(), 60, proc, "the start-up banner")
