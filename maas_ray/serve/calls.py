@@ -7,7 +7,9 @@ it becomes 503 with ``Retry-After`` rather than a 500 or a hang.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -41,20 +43,26 @@ def check_rows(mv: ModelVersion, rows: np.ndarray, max_rows: int, param: str) ->
         raise APIError(400, f"{param} contains NaN or infinite values", param, "invalid_value")
 
 
+@contextlib.contextmanager
+def replica_errors(mv: ModelVersion, timeout_s: float) -> Iterator[None]:
+    """Turn timeouts, back-pressure and dead replicas into 503 + Retry-After."""
+    try:
+        yield
+    except asyncio.TimeoutError:
+        raise APIError(503, f"model {mv.id!r} did not answer within {timeout_s:g} s; retry later",
+                       code="timeout", headers={"Retry-After": "1"}) from None
+    except BackPressureError:
+        raise APIError(503, f"model {mv.id!r} is at capacity; retry later",
+                       code="overloaded", headers={"Retry-After": "1"}) from None
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+        logger.warning("replica failed for %s: %s", mv.id, type(err).__name__)
+        raise APIError(503, "a model replica failed while serving this request; retry",
+                       code="replica_failed", headers={"Retry-After": "1"}) from None
+
+
 async def predict_rows(ctx: ServiceContext, mv: ModelVersion, rows: np.ndarray) -> dict[str, Any]:
     """Run validated rows through the predictor deployment."""
     handle = ctx.handles["predictor"].options(multiplexed_model_id=mv.id)
-    try:
-        return await asyncio.wait_for(handle.predict.remote(mv.id, rows),
-                                      timeout=ctx.settings.request_timeout_s)
-    except asyncio.TimeoutError:
-        raise APIError(503, f"model {mv.id!r} did not answer within "
-                       f"{ctx.settings.request_timeout_s:g} s; retry later",
-                       code="timeout", headers={"Retry-After": "1"}) from None
-    except BackPressureError:
-        raise APIError(503, "the predictor is at capacity; retry later",
-                       code="overloaded", headers={"Retry-After": "1"}) from None
-    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
-        logger.warning("predictor replica failed for %s: %s", mv.id, type(err).__name__)
-        raise APIError(503, "a model replica failed while serving this request; retry",
-                       code="replica_failed", headers={"Retry-After": "1"}) from None
+    timeout = ctx.settings.request_timeout_s
+    with replica_errors(mv, timeout):
+        return await asyncio.wait_for(handle.predict.remote(mv.id, rows), timeout=timeout)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from maas_ray.registry import ModelVersion
+from maas_ray.serve.calls import replica_errors
 from maas_ray.serve.context import ServiceContext
 from maas_ray.serve.errors import APIError
 from maas_ray.serve.openai import protocol as p
@@ -42,7 +43,9 @@ async def open_stream(ctx: ServiceContext, mv: ModelVersion, prompt: Any,
     """Start one generation; return (the response stream, prompt token count)."""
     handle = ctx.handles["llm"].options(multiplexed_model_id=mv.id, stream=True)
     stream = handle.generate.remote(mv.id, prompt, params)
-    first = await stream.__anext__()
+    timeout = ctx.settings.request_timeout_s
+    with replica_errors(mv, timeout):
+        first = await asyncio.wait_for(stream.__anext__(), timeout=timeout)
     if "error" in first:
         stream.cancel()
         raise APIError(400, first["error"], first.get("param"), first.get("code", "invalid_value"))
@@ -149,7 +152,9 @@ def _event(obj: dict[str, Any]) -> str:
 async def embed(ctx: ServiceContext, mv: ModelVersion, req: p.EmbeddingRequest) -> dict[str, Any]:
     handle = ctx.handles["embedder"].options(multiplexed_model_id=mv.id)
     texts = req.texts()
-    result = await handle.embed.remote(mv.id, texts, req.dimensions)
+    timeout = ctx.settings.request_timeout_s
+    with replica_errors(mv, timeout):
+        result = await asyncio.wait_for(handle.embed.remote(mv.id, texts, req.dimensions), timeout)
     if "error" in result:
         raise APIError(400, result["error"], result.get("param"), "invalid_value")
     vectors = np.asarray(result["embeddings"], dtype=np.float32)  # (N, D)
