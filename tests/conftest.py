@@ -79,13 +79,24 @@ def regression_model(ray_session: None, maas_home: str):
 
 
 @pytest.fixture(scope="session")
-def base_models(maas_home: str) -> dict[str, str]:
-    """SmolLM2 and MiniLM imported once into the session registry: {name: local dir}."""
+def llm_home(maas_home: str) -> str:
+    """The session registry with SmolLM2 and MiniLM imported once (~30 s: the GGUF is
+    dequantised), so in-process tests and the Serve app use the same versions."""
     from maas_ray.registry import Registry
     from maas_ray.registry.importer import ensure_base_models
 
-    registry = Registry(maas_home)
-    return {mv.name: str(registry.local_dir(mv)) for mv in ensure_base_models(registry)}
+    ensure_base_models(Registry(maas_home))
+    return maas_home
+
+
+@pytest.fixture(scope="session")
+def llm_dirs(llm_home: str) -> dict[str, str]:
+    """``{name: local model folder}`` of the base models."""
+    from maas_ray.registry import Registry
+    from maas_ray.registry.importer import BASE_MODELS
+
+    registry = Registry(llm_home)
+    return {name: str(registry.local_dir(registry.get(name))) for name in BASE_MODELS}
 
 
 @pytest.fixture(scope="session")

@@ -19,16 +19,16 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def client(serve_url: str, base_models) -> openai.OpenAI:
+def client(serve_url: str, llm_dirs) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{serve_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")
-def reference(base_models):
+def reference(llm_dirs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(base_models[CHAT])
-    model = AutoModelForCausalLM.from_pretrained(base_models[CHAT]).eval()
+    tok = AutoTokenizer.from_pretrained(llm_dirs[CHAT])
+    model = AutoModelForCausalLM.from_pretrained(llm_dirs[CHAT]).eval()
 
     def greedy(messages, n: int) -> str:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -94,13 +94,13 @@ def test_completions_stop_n_and_seed(client) -> None:
     assert [c.message.content for c in two.choices] == [c.message.content for c in again.choices]
 
 
-def test_embeddings_float_base64_and_similarity(client, base_models) -> None:
+def test_embeddings_float_base64_and_similarity(client, llm_dirs) -> None:
     from maas_ray.serve.llm import Embedder
 
     texts = ["A cat sits on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply today."]
     r = client.embeddings.create(model=EMB, input=texts)
     vectors = np.array([d.embedding for d in r.data])
-    ref, _ = Embedder(base_models[EMB]).embed(texts)
+    ref, _ = Embedder(llm_dirs[EMB]).embed(texts)
     assert (vectors * ref).sum(axis=1).min() >= 0.999
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
     assert r.usage.prompt_tokens > 0

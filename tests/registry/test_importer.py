@@ -3,38 +3,85 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
 
 from maas_ray.registry import Registry
 from maas_ray.registry.importer import BASE_MODELS, ensure_base_models, import_hf_model
 
+CHAT, EMB = "smollm2-135m-instruct", "all-minilm-l6-v2"
 
-def test_base_models_import_as_safetensors(base_models: dict[str, str], maas_home: str) -> None:
-    reg = Registry(maas_home)
-    chat, emb = reg.get("smollm2-135m-instruct"), reg.get("all-minilm-l6-v2")
+
+def test_base_models_import_as_safetensors_with_a_card(llm_home: str) -> None:
+    reg = Registry(llm_home)
+    chat, emb = reg.get(CHAT), reg.get(EMB)
+    assert (chat.id, emb.id) == (f"{CHAT}:1", f"{EMB}:1")
     assert (chat.task, emb.task) == ("chat", "embedding")
     for mv in (chat, emb):
-        folder = Path(base_models[mv.name])
-        assert (folder / "model.safetensors").exists()
+        folder = reg.local_dir(mv)  # verifies every file's sha256 against the card
+        assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
         assert not list(folder.glob("*.gguf")) and not list(folder.glob("*.bin"))
-        assert (folder / "tokenizer.json").exists()
-        assert mv.card["format"] == "hf-transformers"
-        assert mv.card["num_parameters"] > 1_000_000
-    assert chat.card["architecture"] == "LlamaForCausalLM"
-    assert chat.card["source"].endswith(BASE_MODELS["smollm2-135m-instruct"].gguf_file)
-    assert json.loads((Path(base_models[chat.name]) / "config.json").read_text()).get(
-        "quantization_config") is None, "GGUF is dequantised once, at import"
+        card = mv.card
+        assert card["format"] == "hf-transformers" and card["base_model"] == mv.name
+        assert card["dtype"] == "float32" and card["num_parameters"] > 1_000_000
+        assert Path(card["source"]).exists()
+    assert chat.card["architecture"] == "LlamaForCausalLM" and chat.card["context_length"] == 8192
+    assert chat.card["source"].endswith(BASE_MODELS[CHAT].gguf_file)
+    assert 130e6 < chat.card["num_parameters"] < 140e6
+    chat_dir = reg.local_dir(chat)
+    assert "quantization_config" not in json.loads((chat_dir / "config.json").read_text()), \
+        "GGUF is dequantised once, at import"
+    assert json.loads((chat_dir / "generation_config.json").read_text())["eos_token_id"] == 2  # <|im_end|>
+    assert emb.card["architecture"] == "BertModel"
+    assert emb.card["context_length"] == 256, "sentence-transformers' limit, not BERT's 512"
+    assert (reg.local_dir(emb) / "1_Pooling" / "config.json").exists()
 
 
-def test_second_ensure_is_a_no_op(base_models: dict[str, str], maas_home: str) -> None:
-    reg = Registry(maas_home)
+def test_second_ensure_is_a_no_op(llm_home: str) -> None:
+    reg = Registry(llm_home)
     before = {n: reg.versions(n) for n in BASE_MODELS}
-    ensure_base_models(reg)
+    start = time.perf_counter()
+    again = ensure_base_models(reg)
+    assert time.perf_counter() - start < 5, "nothing should be converted again"
+    assert [mv.id for mv in again] == [f"{CHAT}:1", f"{EMB}:1"]
     assert {n: reg.versions(n) for n in BASE_MODELS} == before
 
 
-def test_local_hf_folder_imports_the_same_way(tmp_path: Path) -> None:
+def test_local_hf_folder_imports_the_same_way(tmp_path: Path, llm_dirs: dict[str, str]) -> None:
+    """A tiny Llama saved by transformers (with SmolLM2's tokenizer) round-trips bit for bit."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    src = tmp_path / "tiny-llama"
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(src)
+    AutoTokenizer.from_pretrained(llm_dirs[CHAT]).save_pretrained(src)
+
+    reg = Registry(str(tmp_path / "home"))
+    seen: list[str] = []
+    mv = import_hf_model(reg, "tiny-llama", src, "chat", progress=seen.append)
+    assert mv.id == "tiny-llama:1" and mv.task == "chat" and seen
+    assert mv.card["architecture"] == "LlamaForCausalLM" and mv.card["context_length"] == 512
+    assert mv.card["source"] == str(src)
+    weights = load_file(reg.local_dir(mv) / "model.safetensors")
+    for key, tensor in model.state_dict().items():
+        if key in weights:
+            assert torch.equal(weights[key], tensor), key
+    assert import_hf_model(reg, "tiny-llama", src, "chat").id == "tiny-llama:2"
+
+
+def test_bad_sources_fail_before_anything_is_written(tmp_path: Path) -> None:
     reg = Registry(str(tmp_path))
-    mv = import_hf_model(reg, "my-minilm", BASE_MODELS["all-minilm-l6-v2"].folder(), "embedding")
-    assert mv.id == "my-minilm:1" and mv.task == "embedding"
-    assert (Path(mv.uri) / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="task"):
+        import_hf_model(reg, "x", tmp_path, "regression")  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError):
+        import_hf_model(reg, "x", tmp_path / "missing", "chat")
+    with pytest.raises(FileNotFoundError):
+        import_hf_model(reg, "x", tmp_path, "chat", gguf_file="nope.gguf")
+    assert reg.names() == []

@@ -1,10 +1,16 @@
 """The generation engine interface: what a model replica needs from a backend.
 
-A backend (transformers today; llama.cpp for GGUF next) owns a running batch:
+A backend (transformers today, llama.cpp for GGUF next) owns a running batch:
 requests join it after their prefill and leave it the step they finish, so a
 short request never waits for a long one. Callers stream chunks from
-:meth:`GenerationEngine.generate`; abandoning the iterator cancels the request
-and frees its slot.
+:meth:`GenerationEngine.generate`; abandoning the iterator (client disconnect →
+``GeneratorExit`` / ``CancelledError``) cancels the request and frees its slot.
+
+Usage from an async caller (a Serve replica)::
+
+    ids = engine.apply_chat_template(messages)
+    async for chunk in engine.generate(ids, SamplingParams(max_tokens=64), request_id):
+        send(chunk.text)                  # finish_reason is set on the last chunk
 """
 
 from __future__ import annotations
@@ -12,34 +18,57 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request decoding settings (validated by the HTTP layer)."""
+    """Per-request decoding settings. Plain data: the HTTP layer validates them."""
 
     max_tokens: int
-    temperature: float = 1.0  # 0 means greedy
+    """Completion tokens to generate at most (finish_reason "length")."""
+    temperature: float = 1.0
+    """0 means greedy (argmax); otherwise logits are divided by it."""
     top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     stop: list[str] = field(default_factory=list)
+    """Strings that end the completion; the text never includes them."""
     seed: int | None = None
+    """Seeds this request's own RNG, so the same request samples the same tokens."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end the completion, in addition to the model's EOS."""
+    ignore_eos: bool = False
+    """Keep going past EOS (benchmarks that need exactly ``max_tokens``)."""
 
 
 @dataclass(frozen=True)
 class GenerationChunk:
-    """New text since the previous chunk; the last one carries ``finish_reason``."""
+    """What one decode step added to a request; the last chunk has ``finish_reason``.
+
+    ``token_ids`` are the new tokens (a stop token included); ``text`` is the
+    new text, which may be empty while a multi-byte character or a possible
+    stop string is still incomplete. Stop strings and stop tokens never appear
+    in ``text``.
+    """
 
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # None | "stop" | "length"
+    finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
 
 
+class EngineClosed(RuntimeError):
+    """The engine was closed; requests in flight end with this error."""
+
+
 class GenerationEngine(abc.ABC):
-    """A model plus its scheduler."""
+    """A model, its tokenizer and a scheduler that batches concurrent requests."""
 
     context_length: int
+    """Prompt plus completion tokens the model takes at most."""
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -52,7 +81,11 @@ class GenerationEngine(abc.ABC):
     @abc.abstractmethod
     def generate(self, prompt_ids: list[int], params: SamplingParams,
                  request_id: str) -> AsyncIterator[GenerationChunk]:
-        """Stream the completion of ``prompt_ids``."""
+        """Stream the completion of ``prompt_ids`` (an async generator).
+
+        Raises ``ValueError`` for an empty prompt or one that leaves no room in
+        the context, :class:`EngineClosed` after :meth:`close`.
+        """
 
     @abc.abstractmethod
     def cancel(self, request_id: str) -> None:
@@ -60,7 +93,13 @@ class GenerationEngine(abc.ABC):
 
     @abc.abstractmethod
     def stats(self) -> dict[str, int]:
-        """``{"running": ..., "waiting": ...}`` sequences."""
+        """``{"running": ..., "waiting": ...}`` sequences right now."""
 
-    def close(self) -> None:
-        """Release threads and memory; the engine is unusable afterwards."""
+    def close(self) -> None:  # noqa: B027 - optional for backends without threads
+        """Stop the scheduler and fail requests in flight; the engine is unusable after."""
+
+    def __enter__(self) -> GenerationEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

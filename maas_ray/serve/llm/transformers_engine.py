@@ -1,291 +1,346 @@
 """Iteration-level (continuous) batching on any transformers causal LM.
 
-One scheduler thread owns the model. Each step it (1) prefills newly arrived
-requests one by one — exactly what ``generate`` does for a single prompt — and
-merges their KV caches into the running batch (left-padded, masked), then (2)
-runs ONE batched decode forward for every running sequence, samples each row
-with its own settings, streams the new text, and drops finished or cancelled
-rows from the batch. Sequences join and leave at every step.
+One scheduler thread owns the model (torch releases the GIL inside ops, so the
+event loop stays responsive). Every step it
+
+1. drops cancelled requests and admits waiting ones: each is prefilled alone —
+   exactly what ``generate`` does for one prompt — and its KV cache joins the
+   running batch left-padded and masked (:mod:`.kv_batch`);
+2. runs ONE batched decode forward for all running sequences;
+3. samples each row with its own settings (greedy, or temperature/top-p with
+   the request's own seeded ``torch.Generator``), streams the new text, and
+   removes rows that hit EOS, a stop token, a stop string, ``max_tokens`` or
+   the context length.
+
+Why not transformers' own ``init_continuous_batching`` (v5)? It streams and
+cancels, but sampling is configured once per manager: greedy vs sampling and
+the RNG are global, per-request temperature/top-p only exist if enabled at
+creation, and there are no per-request seeds or stop strings. Exact greedy
+parity with ``generate`` also matters more to us than paged-attention
+throughput on CPU.
+
+Batching is not bit-for-bit batch-invariant: CPU GEMM kernels round
+differently for 1 row than for 8+ (≈1e-5 on SmolLM2's logits), so a greedy
+token could differ from single-sequence ``generate`` only where the top two
+logits are that close. Padding itself contributes exactly nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from maas_ray.serve.llm.engine import GenerationChunk, GenerationEngine, SamplingParams
+from maas_ray.serve.llm.detokenize import TextStream
+from maas_ray.serve.llm.engine import (EngineClosed, FinishReason, GenerationChunk,
+                                       GenerationEngine, SamplingParams)
+from maas_ray.serve.llm.kv_batch import BatchCache, check_supported
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Seq:
+    """One request's state; owned by the scheduler thread once admitted."""
+
     request_id: str
     prompt: list[int]
     params: SamplingParams
+    stop_ids: frozenset[int]
+    text: TextStream
     loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue
+    out: asyncio.Queue[GenerationChunk | BaseException]
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
-    emitted: int = 0  # characters of text already sent
-    next_token: int | None = None  # sampled, not yet fed to the model
-    finished: bool = False
+    unsent: list[int] = field(default_factory=list)  # token ids not yet in a chunk
+    done: bool = False
 
-    def send(self, chunk: GenerationChunk) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, chunk)
+    def send(self, item: GenerationChunk | BaseException) -> bool:
+        """Hand ``item`` to the consumer's event loop; False if that loop is gone."""
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+            return True
+        except RuntimeError:  # loop closed: nobody is listening any more
+            return False
 
 
 class TransformersEngine(GenerationEngine):
+    """Continuous batching over a local HF model folder (safetensors, no remote code).
+
+    ``max_batch_size`` caps running sequences (more wait in line);
+    ``prefill_tokens_per_step`` caps prompt tokens prefilled between two decode
+    steps (at least one request), so a burst of long prompts stalls running
+    streams for a bounded time. Thread count: whatever ``torch.set_num_threads``
+    says in the process.
+    """
+
     def __init__(self, model_dir: Path | str, device: str = "cpu", dtype: torch.dtype | None = None,
-                 max_batch_size: int = 16) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+                 max_batch_size: int = 16, prefill_tokens_per_step: int = 2048) -> None:
+        from transformers import AutoTokenizer, GenerationConfig
 
         kwargs = {"local_files_only": True, "trust_remote_code": False}
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **kwargs)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=dtype or torch.float32, **kwargs).to(device).eval()
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
-        config = self.model.config
-        self.context_length = int(getattr(config, "max_position_embeddings", 2048))
+        self.prefill_tokens_per_step = prefill_tokens_per_step
         try:
-            gen = GenerationConfig.from_pretrained(str(model_dir), **kwargs)
-            eos = gen.eos_token_id
-        except OSError:
+            eos = GenerationConfig.from_pretrained(str(model_dir), **kwargs).eos_token_id
+        except OSError:  # no generation_config.json: the model config's EOS below
             eos = None
-        eos_ids = eos if isinstance(eos, list) else [eos]
-        self.stop_ids = {i for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None}
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
-            else next(iter(self.stop_ids), 0)
+        self._eos_from_config = eos
 
-        self._inbox: queue.Queue[_Seq] = queue.Queue()
-        self._cancelled: set[str] = set()
-        self._lock = threading.Lock()
-        self._running: list[_Seq] = []
-        self._cache = None  # the batch's DynamicCache, rows aligned with _running
-        self._mask: torch.Tensor | None = None  # (B, T) 1 = real token
+        self._lock = threading.Lock()  # guards _waiting, _cancelled, _live, _running
+        self._waiting: deque[_Seq] = deque()
+        self._cancelled: set[_Seq] = set()  # admitted, then abandoned
+        self._live: dict[str, _Seq] = {}
+        self._running: list[_Seq] = []  # rows of _batch; changed by the scheduler only
+        self._batch = BatchCache()
         self._closed = threading.Event()
         self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="maas-llm-engine", daemon=True)
+        ready = threading.Event()
+        failed: list[BaseException] = []
+        # The model is loaded and run on the scheduler thread only. torch ops
+        # issued from a second thread start a second OpenMP team; with more
+        # OpenMP threads than cores libgomp stops spin-waiting and every
+        # parallel region pays a futex wake-up (decode ~30 % slower on 2 cores).
+        self._thread = threading.Thread(
+            target=self._run, args=(str(model_dir), dtype or torch.float32, ready, failed),
+            name="maas-llm-scheduler", daemon=True)
         self._thread.start()
+        ready.wait()
+        if failed:
+            raise failed[0]
+
+    def _load(self, model_dir: str, dtype: torch.dtype) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, local_files_only=True, trust_remote_code=False).to(self.device).eval()
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        eos = self._eos_from_config if self._eos_from_config is not None else self.model.config.eos_token_id
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        # SmolLM2's pad token is its EOS (<|im_end|>): padding never reaches the
+        # model here (masks do), so only the stop set needs it.
+        self.eos_ids = frozenset(i for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None)
+        probe = torch.tensor([[self.tokenizer.bos_token_id or 0]], device=self.device)
+        check_supported(self.model(input_ids=probe, use_cache=True).cache)  # also warms up kernels
 
     # -- public API ----------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[GenerationChunk]:
         if self._closed.is_set():
-            raise RuntimeError("engine is closed")
+            raise EngineClosed("the engine is closed")
         if not prompt_ids:
-            raise ValueError("empty prompt")
-        gen = None
-        if params.temperature > 0 and params.seed is not None:
-            gen = torch.Generator(device="cpu").manual_seed(params.seed)
-        seq = _Seq(request_id, list(prompt_ids), params, asyncio.get_running_loop(),
-                   asyncio.Queue(), gen)
-        self._inbox.put(seq)
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.context_length:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context holds "
+                             f"{self.context_length} (prompt + completion)")
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(device="cpu")
+            if params.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(params.seed)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        seq = _Seq(request_id, list(prompt_ids), params, stop_ids, TextStream(self.tokenizer, params.stop),
+                   asyncio.get_running_loop(), asyncio.Queue(), generator)
+        with self._lock:  # checked under the lock: close() fails whatever is queued by then
+            if self._closed.is_set():
+                raise EngineClosed("the engine is closed")
+            if request_id in self._live:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._live[request_id] = seq
+            self._waiting.append(seq)
         self._wake.set()
-        finished = False
         try:
             while True:
-                chunk = await seq.out.get()
-                if isinstance(chunk, BaseException):
-                    raise chunk
-                finished = chunk.finish_reason is not None
-                yield chunk
-                if finished:
+                item = await seq.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
                     return
-        finally:
-            if not finished:  # consumer went away (client disconnect, cancellation)
+        finally:  # normal end, error, or the consumer went away (disconnect, cancellation)
+            if not seq.done:
                 self.cancel(request_id)
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
-            self._cancelled.add(request_id)
+            seq = self._live.pop(request_id, None)
+            if seq is None:
+                return
+            if seq in self._waiting:  # never admitted: nothing to free but the slot in line
+                self._waiting.remove(seq)
+                seq.done = True
+                return
+            self._cancelled.add(seq)
         self._wake.set()
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self._running), "waiting": self._inbox.qsize()}
+        with self._lock:
+            return {"running": len(self._running), "waiting": len(self._waiting)}
 
     def close(self) -> None:
+        if self._closed.is_set():
+            return
         self._closed.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
 
-    def __del__(self) -> None:  # multiplexed eviction drops the engine
+    def __del__(self) -> None:  # Serve's multiplexer calls this when it evicts the model
         try:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
-    # -- scheduler -----------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._closed.is_set():
+    # -- scheduler thread ----------------------------------------------------
+    def _run(self, model_dir: str, dtype: torch.dtype, ready: threading.Event,
+             failed: list[BaseException]) -> None:
+        with torch.inference_mode():
             try:
-                self._drop_cancelled()
-                self._admit()
-                if not self._running:
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
-                    continue
-                self._decode_step()
-            except Exception as err:  # noqa: BLE001 - fail the requests, keep the replica
-                logger.exception("generation step failed")
-                for seq in self._running:
-                    seq.loop.call_soon_threadsafe(seq.out.put_nowait, err)
-                self._running, self._cache, self._mask = [], None, None
+                self._load(model_dir, dtype)
+            except BaseException as err:  # noqa: BLE001 - re-raised by __init__
+                failed.append(err)
+                self._closed.set()
+                return
+            finally:
+                ready.set()
+            while not self._closed.is_set():
+                try:
+                    self._drop_cancelled()
+                    self._admit()
+                    if not self._running:
+                        self._wake.wait(timeout=1.0)
+                        self._wake.clear()
+                        continue
+                    self._decode_step()
+                except Exception as err:  # noqa: BLE001 - fail these requests, keep the replica
+                    logger.exception("decode step failed; failing %d running requests", len(self._running))
+                    self._fail(err, waiting_too=False)
+            self._fail(EngineClosed("the engine was closed"), waiting_too=True)
+
+    def _fail(self, err: BaseException, waiting_too: bool) -> None:
+        """End running (and waiting) requests with ``err`` and empty the batch."""
+        with self._lock:
+            seqs, self._running = self._running, []
+            if waiting_too:
+                seqs += self._waiting
+                self._waiting.clear()
+            for seq in seqs:
+                self._live.pop(seq.request_id, None)
+            self._cancelled.clear()
+        self._batch = BatchCache()
+        for seq in seqs:
+            seq.done = True
+            seq.send(err)
 
     def _drop_cancelled(self) -> None:
         with self._lock:
             cancelled, self._cancelled = self._cancelled, set()
         if cancelled:
-            self._remove([i for i, s in enumerate(self._running) if s.request_id in cancelled])
+            self._remove({i for i, s in enumerate(self._running) if s in cancelled})
 
-    @torch.inference_mode()
     def _admit(self) -> None:
+        budget = self.prefill_tokens_per_step
         while len(self._running) < self.max_batch_size:
-            try:
-                seq = self._inbox.get_nowait()
-            except queue.Empty:
-                return
             with self._lock:
-                if seq.request_id in self._cancelled:
-                    self._cancelled.discard(seq.request_id)
-                    continue
-            ids = torch.tensor([seq.prompt], device=self.device)
-            out = self.model(input_ids=ids, use_cache=True)  # prefill, batch of one
-            self._merge(seq, out.cache, len(seq.prompt))
-            self._accept(seq, self._sample(out.logits[:, -1, :], [seq])[0])
-            if seq.finished:
-                self._remove([len(self._running) - 1])
+                if not self._waiting or (budget < len(self._waiting[0].prompt)
+                                         and budget < self.prefill_tokens_per_step):
+                    return
+                seq = self._waiting.popleft()
+                self._running.append(seq)  # visible to stats() while it prefills
+            budget -= len(seq.prompt)
+            try:
+                ids = torch.tensor([seq.prompt], device=self.device)
+                # logits_to_keep=1: generate() computes only the last position's
+                # logits too, so the first token matches it bit for bit.
+                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            except Exception as err:  # noqa: BLE001 - this prompt failed, not the batch
+                logger.exception("prefill of %s failed", seq.request_id)
+                self._running.pop()
+                self._retire(seq, err)
+                continue
+            self._batch.add(out.cache, len(seq.prompt))
+            if self._accept(seq, self._sample(out.logits[:, -1, :], [seq])[0]):
+                self._remove({len(self._running) - 1})
 
-    def _merge(self, seq: _Seq, cache, length: int) -> None:
-        """Add one prefilled sequence's cache to the batch, left-padding the shorter side."""
-        self._running.append(seq)
-        new_mask = torch.ones((1, length), dtype=torch.long, device=self.device)
-        if self._cache is None:
-            self._cache, self._mask = cache, new_mask
-            return
-        old_len = self._mask.shape[1]
-        width = max(old_len, length)
-        for mine, theirs in zip(self._cache.layers, cache.layers):
-            mine.keys = torch.cat([_lpad(mine.keys, width), _lpad(theirs.keys, width)], dim=0)
-            mine.values = torch.cat([_lpad(mine.values, width), _lpad(theirs.values, width)], dim=0)
-        self._mask = torch.cat([_lpad(self._mask, width, dim=1), _lpad(new_mask, width, dim=1)], dim=0)
-
-    @torch.inference_mode()
     def _decode_step(self) -> None:
-        last = torch.tensor([[s.next_token] for s in self._running], device=self.device)  # (B, 1)
-        self._mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)  # (B, T + 1)
-        positions = self._mask.sum(dim=1, keepdim=True) - 1  # (B, 1) real tokens before
-        out = self.model(input_ids=last, attention_mask=self._mask, position_ids=positions,
-                         cache=self._cache, use_cache=True)
-        self._cache = out.cache
-        tokens = self._sample(out.logits[:, -1, :], self._running)
-        done = []
-        for i, (seq, token) in enumerate(zip(self._running, tokens)):
-            self._accept(seq, token)
-            if seq.finished:
-                done.append(i)
-        self._remove(done)
+        last = torch.tensor([[s.generated[-1]] for s in self._running], device=self.device)  # (B, 1)
+        mask, positions = self._batch.next_step()  # (B, T + 1), (B, 1)
+        out = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
+                         cache=self._batch.cache, use_cache=True)
+        tokens = self._sample(out.logits[:, -1, :], self._running)  # logits (B, 1, V)
+        finished = {i for i, (seq, tok) in enumerate(zip(self._running, tokens)) if self._accept(seq, tok)}
+        self._remove(finished)
 
     def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
-        """One token per row, each with its own temperature / top_p / seed."""
+        """One token per row (``logits`` (B, V)), each with its own settings."""
         out = []
         for row, seq in zip(logits.float(), seqs):
             p = seq.params
             if p.temperature <= 0:
                 out.append(int(torch.argmax(row)))
                 continue
-            probs = F.softmax(row / p.temperature, dim=-1)
+            probs = torch.softmax(row / p.temperature, dim=-1)
             if p.top_p < 1.0:
                 sorted_p, order = torch.sort(probs, descending=True)
-                keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < p.top_p
+                keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < p.top_p  # the top token always stays
                 probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
             out.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
         return out
 
-    def _accept(self, seq: _Seq, token: int) -> None:
-        """Record a sampled token and stream whatever new text is safe to send."""
+    def _accept(self, seq: _Seq, token: int) -> bool:
+        """Record a sampled token, stream what is safe to send; True if ``seq`` is finished."""
         seq.generated.append(token)
-        seq.next_token = token
-        finish = None
-        if token in self.stop_ids:
+        seq.unsent.append(token)
+        finish: FinishReason | None = None
+        if token in seq.stop_ids:
             finish = "stop"
-        elif len(seq.generated) >= seq.params.max_tokens:
-            finish = "length"
-        body = [t for t in seq.generated if t not in self.stop_ids]
-        text = self.tokenizer.decode(body, skip_special_tokens=True)
-        cut = _find_stop(text, seq.params.stop, seq.emitted)
-        if cut is not None:
-            text, finish = text[:cut], "stop"
-        elif finish is None:
-            # Hold back a partial multi-byte character or the start of a stop string.
-            safe = len(text.rstrip("\ufffd"))
-            safe -= _partial_stop(text[:safe], seq.params.stop)
-            text = text[:max(safe, seq.emitted)]
-        delta = text[seq.emitted:]
-        seq.emitted = len(text)
+        else:
+            seq.text.push(token)
+        if len(seq.generated) >= seq.params.max_tokens:
+            finish = finish or "length"
+        elif len(seq.prompt) + len(seq.generated) >= self.context_length:
+            finish = finish or "length"
+        delta = seq.text.take(final=finish is not None)
+        if seq.text.stopped:
+            finish = "stop"
         if delta or finish:
-            seq.send(GenerationChunk(delta, [token], finish, len(seq.prompt), len(seq.generated)))
-        seq.finished = finish is not None
+            chunk = GenerationChunk(delta, seq.unsent, finish, len(seq.prompt), len(seq.generated))
+            seq.unsent = []
+            if finish:
+                self._retire(seq, chunk)
+            elif not seq.send(chunk):  # the consumer's loop is gone
+                self.cancel(seq.request_id)
+        return finish is not None
 
-    def _remove(self, rows: list[int]) -> None:
+    def _retire(self, seq: _Seq, last: GenerationChunk | BaseException) -> None:
+        with self._lock:
+            self._live.pop(seq.request_id, None)
+        seq.done = True
+        seq.send(last)
+
+    def _remove(self, rows: set[int]) -> None:
         if not rows:
             return
-        keep = [i for i in range(len(self._running)) if i not in set(rows)]
-        self._running = [self._running[i] for i in keep]
-        if not keep:
-            self._cache, self._mask = None, None
-            return
-        index = torch.tensor(keep, device=self.device)
-        self._mask = self._mask[index]
-        # Drop columns that are padding in every remaining row.
-        trim = int((self._mask.cumsum(dim=1) == 0).all(dim=0).sum())
-        self._mask = self._mask[:, trim:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, trim:]
-            layer.values = layer.values[index, :, trim:]
-
-
-def _lpad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    """Left-pad ``t`` with zeros along ``dim`` to ``width``."""
-    missing = width - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
-
-
-def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
-    """Index where the earliest stop string starts in the unsent part of ``text``."""
-    start = max(0, emitted - max((len(s) for s in stops), default=0))
-    hits = [i for s in stops if (i := text.find(s, start)) != -1]
-    return min(hits) if hits else None
-
-
-def _partial_stop(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of ``text`` that begins some stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                best = max(best, n)
-                break
-    return best
+        keep = [i for i in range(len(self._running)) if i not in rows]
+        with self._lock:
+            self._running = [self._running[i] for i in keep]
+        self._batch.keep(keep)
