@@ -52,6 +52,20 @@ async def open_stream(ctx: ServiceContext, mv: ModelVersion, prompt: Any,
     return stream, int(first["prompt_tokens"])
 
 
+async def open_all(ctx: ServiceContext, mv: ModelVersion, req: p.SamplingFields,
+                   prompt: Any) -> list[tuple[Any, int]]:
+    """Open the ``n`` choices' streams; if one fails, stop those already running."""
+    opened: list[tuple[Any, int]] = []
+    try:
+        for i in range(req.n):
+            opened.append(await open_stream(ctx, mv, prompt, sampling(req, req.new_tokens(), i)))  # type: ignore[attr-defined]
+    except BaseException:
+        for stream, _ in opened:
+            stream.cancel()
+        raise
+    return opened
+
+
 async def collect(stream: Any) -> tuple[str, str, int]:
     text, finish, count = [], "stop", 0
     async for chunk in stream:
@@ -64,8 +78,7 @@ async def collect(stream: Any) -> tuple[str, str, int]:
 async def complete(ctx: ServiceContext, mv: ModelVersion, req: p.SamplingFields,
                    prompt: Any, chat: bool) -> dict[str, Any]:
     """Non-streaming chat/completion with ``n`` choices."""
-    opened = [await open_stream(ctx, mv, prompt, sampling(req, req.new_tokens(), i))  # type: ignore[attr-defined]
-              for i in range(req.n)]
+    opened = await open_all(ctx, mv, req, prompt)
     results = await asyncio.gather(*(collect(stream) for stream, _ in opened))
     prompt_tokens = opened[0][1]
     completion_tokens = sum(r[2] for r in results)
@@ -85,9 +98,7 @@ async def complete(ctx: ServiceContext, mv: ModelVersion, req: p.SamplingFields,
 async def stream_sse(ctx: ServiceContext, mv: ModelVersion, req: p.SamplingFields,
                      prompt: Any, chat: bool) -> AsyncIterator[str]:
     """Open every choice's stream first (so input errors are 4xx), then yield SSE."""
-    opened = [await open_stream(ctx, mv, prompt, sampling(req, req.new_tokens(), i))  # type: ignore[attr-defined]
-              for i in range(req.n)]
-    return _sse(mv, req, opened, chat)
+    return _sse(mv, req, await open_all(ctx, mv, req, prompt), chat)
 
 
 async def _sse(mv: ModelVersion, req: p.SamplingFields, opened: list[tuple[Any, int]],
