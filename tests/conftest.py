@@ -26,14 +26,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def load_example(name: str):
-    """Import ``examples/{name}/run.py`` under a unique module name."""
+def load_example_file(relative: str):
+    """Import ``examples/{relative}`` under a unique module name."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / name / "run.py")
+    name = "example_" + relative.replace("/", "_").removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / relative)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_example(name: str):
+    """Import ``examples/{name}/run.py``."""
+    return load_example_file(f"{name}/run.py")
 
 
 @pytest.fixture(scope="session")
