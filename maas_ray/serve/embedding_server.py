@@ -13,6 +13,7 @@ from typing import Any
 from ray import serve
 
 from maas_ray.registry import Registry
+from maas_ray.serve.loading import load_version
 
 MAX_EMBEDDERS_PER_REPLICA = int(os.environ.get("MAAS_MAX_EMBEDDERS_PER_REPLICA", "2"))
 
@@ -29,9 +30,7 @@ class EmbeddingServer:
     async def get_model(self, model_id: str) -> Any:
         from maas_ray.serve.llm import Embedder
 
-        mv = self.registry.get(model_id)
-        path = await asyncio.to_thread(self.registry.local_dir, mv)
-        return await asyncio.to_thread(Embedder, path)
+        return await load_version(self.registry, model_id, Embedder)
 
     async def embed(self, model_id: str, texts: list[str], dimensions: int | None) -> dict[str, Any]:
         model = await self.get_model(model_id)

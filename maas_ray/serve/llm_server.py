@@ -15,6 +15,7 @@ from typing import Any
 from ray import serve
 
 from maas_ray.registry import Registry
+from maas_ray.serve.loading import load_version
 
 MAX_LLMS_PER_REPLICA = int(os.environ.get("MAAS_MAX_LLMS_PER_REPLICA", "2"))
 # A request without max_tokens generates at most this many (and never past the context).
@@ -36,13 +37,10 @@ class LLMServer:
 
     @serve.multiplexed(max_num_models_per_replica=MAX_LLMS_PER_REPLICA)
     async def get_engine(self, model_id: str) -> Any:
-        import asyncio
-
         from maas_ray.serve.llm import TransformersEngine
 
-        mv = self.registry.get(model_id)
-        path = await asyncio.to_thread(self.registry.local_dir, mv)
-        return await asyncio.to_thread(TransformersEngine, path, max_batch_size=self.max_batch_size)
+        return await load_version(self.registry, model_id,
+                                  lambda path: TransformersEngine(path, max_batch_size=self.max_batch_size))
 
     async def generate(self, model_id: str, prompt: str | list[dict[str, str]],
                        params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

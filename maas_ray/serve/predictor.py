@@ -17,6 +17,7 @@ from ray import serve
 
 from maas_ray.models.tabular import TabularModel
 from maas_ray.registry import Registry
+from maas_ray.serve.loading import load_version
 
 MAX_MODELS_PER_REPLICA = int(os.environ.get("MAAS_MAX_MODELS_PER_REPLICA", "16"))
 
@@ -35,9 +36,7 @@ class Predictor:
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_model(self, model_id: str) -> TabularModel:
-        mv = self.registry.get(model_id)
-        path = await asyncio.to_thread(self.registry.local_dir, mv)
-        return await asyncio.to_thread(TabularModel.load, path)
+        return await load_version(self.registry, model_id, TabularModel.load)
 
     async def predict(self, model_id: str, rows: np.ndarray) -> dict[str, Any]:
         """Raw rows ``(B, F)`` of one model → predictions (and class probabilities)."""
