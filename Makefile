@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install browser run test test-fast bench clean
 
 install: $(STAMP)
 
@@ -29,7 +29,21 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) requirements-models.txt
 run: install
 	$(VENV)/bin/maas up
 
-test: install
+# Debian's Chromium for the console's browser tests (tests/e2e/test_console.py, Playwright
+# drives /usr/bin/chromium and never downloads a browser). Installed when missing and apt-get
+# can run (root or passwordless sudo); otherwise those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] && echo "" || (sudo -n true 2>/dev/null && echo sudo) || echo none ); \
+	  if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "browser: no chromium and no apt-get as root: the browser tests will skip"; \
+	  else \
+	    $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 \
+	    || { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q chromium >/dev/null 2>&1; } \
+	    || echo "browser: apt-get install chromium failed: the browser tests will skip"; \
+	  fi; }
+
+test: install browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install

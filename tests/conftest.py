@@ -16,6 +16,9 @@ import pytest
 # Fewer seconds per Ray Train report; read when a trainer starts.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Every Ray process pushes its metrics to the Prometheus endpoint this often (10 s by
+# default, 1 s at the least): tests/serve/test_metrics.py sees its traffic within seconds.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 REPO = Path(__file__).resolve().parents[1]
 

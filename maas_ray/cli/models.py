@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from maas_ray import storage as storage_mod
 from maas_ray.cli.common import StorageOpt, console, user_errors
 from maas_ray.registry import ModelRef, Registry
 
@@ -51,12 +52,18 @@ def show(
     model: Annotated[str, typer.Argument(help="name (latest) or name:version")],
     storage: StorageOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the raw card.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the card page (Markdown).")] = False,
 ) -> None:
-    """Print a version's model card."""
+    """Print a version's model card and where its training-curve plot is."""
+    from maas_ray.registry.card_page import render_card_markdown
+
     registry = Registry(storage)
     mv = registry.get(model)
     if json_out:
         console.print_json(json.dumps(mv.card, default=str))
+        return
+    if markdown:
+        console.print(render_card_markdown(mv.card, mv.id), markup=False, highlight=False)
         return
     table = Table(show_header=False, title=f"{mv.id}")
     table.add_row("task", mv.task)
@@ -75,6 +82,15 @@ def show(
         points = ", ".join(f"{e['train_loss']:.3g}" for e in curve[:: max(1, len(curve) // 10)])
         table.add_row("train loss curve", points)
     console.print(table)
+    for key, what in (("loss_plot", "plot"), ("card_page", "card page")):
+        if mv.card.get(key):
+            uri = storage_mod.join(mv.uri, mv.card[key])
+            where = storage_mod.local_path(uri) if storage_mod.is_local(uri) else uri
+            console.print(f"{what}: {where}", highlight=False, soft_wrap=True)
+    if not mv.card.get("loss_plot"):
+        console.print("plot: none (no training curve)" if not curve else
+                      "plot: none stored; GET /v1/models/{id}/card/plot.png draws it", highlight=False)
+
 
 
 @app.command()
@@ -111,13 +127,12 @@ def import_(
     """Import the offline base models (SmolLM2, MiniLM) or a local HF folder as safetensors."""
     from pathlib import Path
 
-    from maas_ray.registry.importer import ensure_base_models, import_hf_model
+    from maas_ray.cli.progress import import_progress
+    from maas_ray.registry.importer import BASE_MODELS, ensure_base_models, import_hf_model
 
     registry = Registry(storage)
-    with console.status("importing...", spinner="dots") as status:
-        def progress(message: str) -> None:
-            status.update(message)
-
+    missing = sum(1 for n in BASE_MODELS if not registry.versions(n)) if source is None else 1
+    with import_progress(missing) as progress:
         if source is None:
             versions = ensure_base_models(registry, progress=progress)
         else:

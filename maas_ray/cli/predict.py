@@ -25,11 +25,13 @@ def predict(
     Classifiers also get one 'probability_<class>' column per class. Example:
     maas predict diabetes-linear -i examples/regression/diabetes.csv -o /tmp/preds
     """
+    from maas_ray.cli.progress import rows_progress
     from maas_ray.predict import batch_predict
     from maas_ray.runtime import quiet_ray_data, ray_session
 
     with ray_session(address):
         quiet_ray_data()
-        with console.status(f"predicting with {model}...", spinner="dots"):
-            result = batch_predict(model, input, output, storage, concurrency, batch_size, overwrite)
+        with rows_progress(f"predicting with {model}") as on_rows:
+            result = batch_predict(model, input, output, storage, concurrency, batch_size, overwrite,
+                                   on_rows=on_rows if console.is_terminal else None)
     console.print(f"wrote {result.rows} predictions from {result.model} to {result.output}")

@@ -17,7 +17,8 @@ from maas_ray.cli.common import AddressOpt, StorageOpt, console, user_errors
 def up(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
-    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port (embedded Ray).")] = 8080,
+    metrics_port: Annotated[int, typer.Option(
+        help="Prometheus metrics port of the embedded Ray (Ray's metrics_export_port).")] = 8080,
     storage: StorageOpt = None,
     address: AddressOpt = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs for an embedded Ray [default: all].")] = None,
@@ -36,13 +37,18 @@ def up(
 
     root = st.storage_root(storage)
     os.environ["MAAS_HOME"] = root  # training jobs started from here use the same root
+    if not joins(address) and not _port_free(host, metrics_port):
+        raise typer.BadParameter(f"port {metrics_port} is in use; choose another", param_hint="--metrics-port")
     if import_base:
+        from maas_ray.cli.progress import import_progress
         from maas_ray.registry import Registry
-        from maas_ray.registry.importer import ensure_base_models
+        from maas_ray.registry.importer import BASE_MODELS, ensure_base_models
 
-        with console.status("checking base models...", spinner="dots") as status:
-            for mv in ensure_base_models(Registry(root), progress=status.update):
-                console.print(f"base model {mv.id} ({mv.task})")
+        registry = Registry(root)
+        with import_progress(sum(1 for n in BASE_MODELS if not registry.versions(n))) as progress:
+            versions = ensure_base_models(registry, progress=progress)
+        for mv in versions:
+            console.print(f"base model {mv.id} ({mv.task})")
     init: dict = {} if joins(address) else {
         "_metrics_export_port": metrics_port, "num_cpus": num_cpus}
     stop = threading.Event()
@@ -54,13 +60,15 @@ def up(
             with console.status("deploying the maas application...", spinner="dots"):
                 serve.run(build_app({"storage": root}), name="maas", route_prefix="/")
             base = f"http://{host}:{port}"
+            metrics_url = f"http://{host}:{_metrics_port(metrics_port)}/metrics"
             console.print(Panel.fit(
                 f"[bold]maas is up[/] — storage {root}\n"
                 f"  API        {base}/v1/models   (OpenAI-compatible)\n"
                 f"  OIP        {base}/v2/models/{{name}}/infer\n"
                 f"  docs       {base}/docs\n"
                 f"  health     {base}/healthz\n"
-                f"  metrics    http://{host}:{metrics_port}/metrics\n\n"
+                f"  console    {base}/\n"
+                f"  metrics    {metrics_url}   (Prometheus)\n\n"
                 f"  curl {base}/v1/models\n"
                 "  maas train examples/regression/spec.yaml   # in another shell\n"
                 f"  curl -s {base}/v1/models/diabetes-linear/predict -H 'content-type: application/json' \\\n"
@@ -73,3 +81,24 @@ def up(
         finally:
             console.print("stopping...")
             serve.shutdown()
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind((host if host not in ("", "0.0.0.0") else "127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _metrics_port(requested: int) -> int:
+    """The Prometheus port of this node's Ray (a joined cluster chose its own)."""
+    import ray
+
+    here = ray.util.get_node_ip_address()
+    ports = [n.get("MetricsExportPort") for n in ray.nodes() if n.get("Alive")
+             and n.get("NodeManagerAddress") == here]
+    return int(ports[0]) if ports and ports[0] else requested

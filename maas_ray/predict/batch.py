@@ -9,12 +9,16 @@ leaves a half-written output behind.
 from __future__ import annotations
 
 import shutil
+import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import ray
 
 from maas_ray import storage
 from maas_ray.data import DataError, read_table, require_numeric_columns
@@ -32,12 +36,15 @@ class BatchResult:
 class _Predict:
     """One actor of the pool: loads the model once, predicts many batches."""
 
-    def __init__(self, storage_root: str, model_id: str) -> None:
+    def __init__(self, storage_root: str, model_id: str, counter: Any = None) -> None:
         registry = Registry(storage_root)
         self.model = TabularModel.load(registry.local_dir(registry.get(model_id)))
         self.features = self.model.preprocessor.features
+        self.counter = counter
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
+        if self.counter is not None:
+            self.counter.add.remote(len(df))  # fire and forget: progress only
         rows = df[self.features].to_numpy(dtype=np.float64)
         df = df.copy()
         df["prediction"] = self.model.predict(rows)
@@ -56,8 +63,12 @@ def batch_predict(
     concurrency: int = 2,
     batch_size: int = 4096,
     overwrite: bool = False,
+    on_rows: Callable[[int], None] | None = None,
 ) -> BatchResult:
-    """Predict every row of ``input_path`` (CSV/Parquet/JSONL) into Parquet at ``output_path``."""
+    """Predict every row of ``input_path`` (CSV/Parquet/JSONL) into Parquet at ``output_path``.
+
+    ``on_rows(done)`` is called about twice a second with the rows predicted so far.
+    """
     root = storage.storage_root(storage_root)
     registry = Registry(root)
     mv = registry.get(model_id)
@@ -74,16 +85,17 @@ def batch_predict(
             raise DataError(f"output {output_path!r} exists; pass --overwrite to replace it")
     target = str(final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")) if final else output_path
 
+    counter = _RowCounter.remote() if on_rows else None
     out = ds.map_batches(
         _Predict,
-        fn_constructor_kwargs={"storage_root": root, "model_id": mv.id},
+        fn_constructor_kwargs={"storage_root": root, "model_id": mv.id, "counter": counter},
         batch_format="pandas",
         batch_size=batch_size,
         concurrency=(1, max(1, concurrency)),
         num_cpus=0.5,
     )
     try:
-        out.write_parquet(target)
+        _run_reporting(lambda: out.write_parquet(target), counter, on_rows)
         import ray.data
 
         rows = ray.data.read_parquet(target).count()
@@ -92,6 +104,46 @@ def batch_predict(
                 shutil.rmtree(final) if final.is_dir() else final.unlink()
             Path(target).rename(final)
     finally:
+        if counter is not None:
+            ray.kill(counter)
         if final is not None:
             shutil.rmtree(target, ignore_errors=True)
+    if on_rows:
+        on_rows(rows)
     return BatchResult(mv.id, rows, str(final) if final else output_path)
+
+
+@ray.remote(num_cpus=0)
+class _RowCounter:
+    """Rows predicted so far, summed over the pool's actors."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def add(self, n: int) -> None:
+        self.rows += n
+
+    def get(self) -> int:
+        return self.rows
+
+
+def _run_reporting(work: Callable[[], None], counter: Any, on_rows: Callable[[int], None] | None) -> None:
+    """Run ``work`` in a thread, reporting the counter to ``on_rows`` while it runs."""
+    if counter is None or on_rows is None:
+        work()
+        return
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as err:  # re-raised on the calling thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="maas-batch-predict", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+        on_rows(ray.get(counter.get.remote()))
+    if "error" in outcome:
+        raise outcome["error"]

@@ -14,6 +14,7 @@ from ray import serve
 
 from maas_ray.registry import Registry
 from maas_ray.serve.loading import load_version
+from maas_ray.serve.metrics import observe_batch, track_ongoing
 
 MAX_EMBEDDERS_PER_REPLICA = int(os.environ.get("MAAS_MAX_EMBEDDERS_PER_REPLICA", "2"))
 
@@ -32,6 +33,7 @@ class EmbeddingServer:
 
         return await load_version(self.registry, model_id, Embedder)
 
+    @track_ongoing("embedder")
     async def embed(self, model_id: str, texts: list[str], dimensions: int | None) -> dict[str, Any]:
         model = await self.get_model(model_id)
         if dimensions is not None and dimensions > model.dimensions:
@@ -45,6 +47,7 @@ class EmbeddingServer:
         out: list[dict[str, Any] | None] = [None] * len(texts)
         for model_id in dict.fromkeys(model_ids):
             idx = [i for i, m in enumerate(model_ids) if m == model_id]
+            observe_batch("embedder", model_id, len(idx))
             model = await self.get_model(model_id)
             flat = [t for i in idx for t in texts[i]]
             vectors, tokens = await asyncio.to_thread(model.embed, flat, None)  # (N, D), [N]

@@ -10,11 +10,12 @@ from ray import serve
 
 from maas_ray import __version__
 from maas_ray.registry import Registry
-from maas_ray.serve.context import ServiceContext, get_context, set_context
+from maas_ray.serve.context import get_context, set_context
 from maas_ray.serve.errors import install_error_handlers
 from maas_ray.serve.limits import BodySizeLimit
+from maas_ray.serve.metrics import MeteredContext, RequestMetrics
 from maas_ray.serve.openai import router as openai_router
-from maas_ray.serve.routes import health, oip, tabular
+from maas_ray.serve.routes import cards, console, health, oip, tabular
 from maas_ray.serve.settings import AppArgs
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,9 @@ def make_fastapi_app() -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=lambda: get_context().settings.max_body_bytes)
-    for module in (health, tabular, openai_router, oip):
+    # Outermost, so it also counts what inner middleware refuses (413).
+    app.add_middleware(RequestMetrics, paths=lambda: list(app.openapi()["paths"]))
+    for module in (health, tabular, cards, openai_router, oip, console):
         app.include_router(module.router)
     return app
 
@@ -42,6 +45,6 @@ class Ingress:
     """Authenticates, validates and routes; model work happens in the handles."""
 
     def __init__(self, settings: AppArgs, **handles: Any) -> None:
-        set_context(ServiceContext(settings=settings, registry=Registry(settings.storage_root()),
+        set_context(MeteredContext(settings=settings, registry=Registry(settings.storage_root()),
                                    handles=handles))
         logger.info("maas ingress ready (storage %s)", settings.storage_root())

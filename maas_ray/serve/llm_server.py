@@ -16,6 +16,7 @@ from ray import serve
 
 from maas_ray.registry import Registry
 from maas_ray.serve.loading import load_version
+from maas_ray.serve.metrics import meter_generation
 
 MAX_LLMS_PER_REPLICA = int(os.environ.get("MAAS_MAX_LLMS_PER_REPLICA", "2"))
 # A request without max_tokens generates at most this many (and never past the context).
@@ -42,6 +43,7 @@ class LLMServer:
         return await load_version(self.registry, model_id,
                                   lambda path: TransformersEngine(path, max_batch_size=self.max_batch_size))
 
+    @meter_generation("llm")
     async def generate(self, model_id: str, prompt: str | list[dict[str, str]],
                        params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """First yields ``{"prompt_tokens"}`` or ``{"error"}``, then text deltas."""

@@ -18,6 +18,7 @@ from ray import serve
 from maas_ray.models.tabular import TabularModel
 from maas_ray.registry import Registry
 from maas_ray.serve.loading import load_version
+from maas_ray.serve.metrics import observe_batch, track_ongoing
 
 MAX_MODELS_PER_REPLICA = int(os.environ.get("MAAS_MAX_MODELS_PER_REPLICA", "16"))
 
@@ -38,6 +39,7 @@ class Predictor:
     async def get_model(self, model_id: str) -> TabularModel:
         return await load_version(self.registry, model_id, TabularModel.load)
 
+    @track_ongoing("predictor")
     async def predict(self, model_id: str, rows: np.ndarray) -> dict[str, Any]:
         """Raw rows ``(B, F)`` of one model → predictions (and class probabilities)."""
         return await self.predict_batch(model_id, rows)
@@ -47,6 +49,7 @@ class Predictor:
         out: list[dict[str, Any] | None] = [None] * len(rows)
         for model_id in dict.fromkeys(model_ids):
             idx = [i for i, m in enumerate(model_ids) if m == model_id]
+            observe_batch("predictor", model_id, len(idx))
             model = await self.get_model(model_id)
             stacked = np.concatenate([rows[i] for i in idx], axis=0)
             # torch releases the GIL: keep the event loop free to gather the next batch.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg["epochs"]):
         model.train()
         total, count = 0.0, 0.0
+        started = time.perf_counter()
         for batch in train_batches.epoch(epoch):
             x, y = batch["x"], batch["y"]  # (B, F) float32, (B,) float32 | int64
             out = model(x)  # (B, n_outputs)
@@ -142,7 +144,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             total += loss.item() * len(y)
             count += len(y)
         total, count = _global_sum(total, count)
-        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(count, 1.0)}
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(count, 1.0),
+                                   "samples": int(count),  # all workers together
+                                   "samples_per_s": count / max(time.perf_counter() - started, 1e-9)}
         metrics.update(_evaluate(model, val_batches, epoch, cfg, loss_fn))
         history.append(dict(metrics))
         if rank == 0 and progress is not None:

@@ -20,6 +20,7 @@ from maas_ray.config.specs import TrainSpec
 from maas_ray.data import Preprocessor, feature_columns, fit_preprocessor, read_table, split_dataset
 from maas_ray.models.tabular import FORMAT, WEIGHTS, TabularModel, build_module
 from maas_ray.registry import ModelVersion, Registry
+from maas_ray.registry.card_page import write_card_assets
 from maas_ray.runtime import quiet_ray_data
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def run_training(
     run_name = spec.training.run_name or (
         f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     )
-    progress = ProgressLog.remote()
+    progress = ProgressLog.remote(run_name, spec.name)  # also exports job metrics
     config = {
         **spec.training.model_dump(exclude={"run_name", "max_failures"}),
         "task": spec.task,
@@ -183,7 +184,8 @@ def run_training(
         history = _history_from(folder) or seen
     module.eval()
     model = TabularModel(module, cfg, pre)
-    metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"}
+    metrics = {k: v for k, v in (history[-1] if history else {}).items()
+               if k not in ("epoch", "samples", "samples_per_s")}
     metrics.update(evaluate(model, test, spec.task, spec.data.target))
     card = {
         "task": spec.task,
@@ -201,6 +203,7 @@ def run_training(
     }
     with tempfile.TemporaryDirectory() as tmp:
         model.save(Path(tmp))
+        write_card_assets(card, Path(tmp), spec.name)  # loss_curve.png + README.md
         version = registry.publish(spec.name, Path(tmp), card)
     return TrainResult(version, metrics, history, run_name)
 
