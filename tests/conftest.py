@@ -117,6 +117,9 @@ def serve_url(ray_session: None, maas_home: str) -> str:
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"storage": maas_home, "max_body_bytes": 64 * 1024}),
+    # The base chat model is pinned to transformers: tests compare it with in-process
+    # transformers; tests/serve/test_llamacpp_service.py serves GGUF copies with llama.cpp.
+    llm = {"model_engines": {"smollm2-135m-instruct": "transformers"}}
+    serve.run(build_app({"storage": maas_home, "max_body_bytes": 64 * 1024, "llm": llm}),
               name="maas", route_prefix="/")
     return f"http://127.0.0.1:{port}"

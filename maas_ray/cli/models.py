@@ -119,12 +119,16 @@ def rm(
 @user_errors
 def import_(
     source: Annotated[str | None, typer.Argument(
-        help="A local Hugging Face model folder; omit to import the built-in base models.")] = None,
+        help="A local Hugging Face model folder or .gguf file; omit to import the built-in base models.")] = None,
     name: Annotated[str | None, typer.Option(help="Registry name for SOURCE.")] = None,
     task: Annotated[str, typer.Option(help="chat | embedding | text-classification")] = "chat",
+    weights: Annotated[str, typer.Option(
+        help="auto | both | safetensors | gguf: keep a GGUF as it is (for llama.cpp), convert to "
+             "safetensors (for transformers), or both; auto = both for a .gguf, safetensors for a folder "
+             "(both on a folder also exports an f16 GGUF).")] = "auto",
     storage: StorageOpt = None,
 ) -> None:
-    """Import the offline base models (SmolLM2, MiniLM) or a local HF folder as safetensors."""
+    """Import the offline base models (SmolLM2, MiniLM) or a local HF folder / GGUF file."""
     from pathlib import Path
 
     from maas_ray.cli.progress import import_progress
@@ -138,6 +142,30 @@ def import_(
         else:
             if not name:
                 raise typer.BadParameter("--name is required with a SOURCE folder")
-            versions = [import_hf_model(registry, name, Path(source), task, progress=progress)]
+            folder, gguf_file = Path(source), None
+            if folder.suffix == ".gguf":
+                folder, gguf_file = folder.parent, folder.name
+            try:
+                versions = [import_hf_model(registry, name, folder, task, gguf_file, progress=progress,
+                                            weights=weights)]  # type: ignore[arg-type]
+            except ValueError as err:
+                raise typer.BadParameter(str(err)) from None
     for mv in versions:
         console.print(f"{mv.id}  ({mv.task})")
+
+@app.command("export-gguf")
+@user_errors
+def export_gguf(
+    model: Annotated[str, typer.Argument(help="name (latest) or name:version of a chat model")],
+    outtype: Annotated[str, typer.Option(help="f32 (exact) | f16 | q8_0 (smallest, fastest on CPU)")] = "f16",
+    storage: StorageOpt = None,
+) -> None:
+    """Publish a new version of MODEL with GGUF weights added, so llama.cpp serves it."""
+    from maas_ray.registry.gguf_export import GGUFExportError, export_version
+
+    with console.status(f"exporting {model} to GGUF ({outtype})...", spinner="dots"):
+        try:
+            mv = export_version(Registry(storage), model, outtype)  # type: ignore[arg-type]
+        except GGUFExportError as err:
+            raise typer.BadParameter(str(err)) from None
+    console.print(f"{mv.id}  ({', '.join(mv.card.get('formats', []))})")

@@ -3,7 +3,11 @@
 Weights are converted once, at import, into safetensors in Hugging Face layout
 (config, tokenizer, generation config), so every later load is a fast plain
 ``from_pretrained`` of a folder (~0.4 s for SmolLM2 instead of ~20 s to
-dequantise its GGUF). Nothing is downloaded: sources are local folders.
+dequantise its GGUF). A GGUF source is also kept as it is (``model.gguf``),
+so the llama.cpp engine serves it, quantised and fast, on CPU; ``weights``
+chooses both (default), only safetensors, or only the GGUF. The card lists
+what the version holds in ``formats`` (see :mod:`.gguf_export`). Nothing is
+downloaded: sources are local folders.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from maas_ray.registry.gguf_export import GGUF_FILE, attach_gguf
 from maas_ray.registry.store import ModelNotFound, ModelVersion, Registry
 
 logger = logging.getLogger(__name__)
@@ -24,6 +29,8 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 Task = Literal["chat", "embedding", "text-classification"]
 TASKS: tuple[str, ...] = ("chat", "embedding", "text-classification")
+Weights = Literal["auto", "both", "safetensors", "gguf"]
+WEIGHTS: tuple[str, ...] = ("auto", "both", "safetensors", "gguf")
 
 # sentence-transformers keeps pooling, normalisation and its max sequence length
 # beside the HF files; the embedder reads them, so they travel with the weights.
@@ -113,6 +120,21 @@ def _context_length(config: Any, tokenizer: Any, source: Path) -> int | None:
     return min(found) if found else None
 
 
+def _check_weights(weights: str, task: str, gguf_file: str | None) -> Weights:
+    """``auto`` → ``both`` for a GGUF source, ``safetensors`` for a folder; refuse what cannot be."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if weights == "auto":
+        return "both" if gguf_file else "safetensors"
+    if weights == "gguf" and not gguf_file:
+        raise ValueError("weights='gguf' keeps a GGUF source as it is: give a .gguf file "
+                         "(a safetensors folder is exported with weights='both')")
+    if weights != "safetensors" and task != "chat":
+        raise ValueError(f"GGUF weights serve chat models (llama.cpp); this is a {task!r} model: "
+                         "use weights='safetensors'")
+    return weights  # type: ignore[return-value]
+
+
 def import_hf_model(
     registry: Registry,
     name: str,
@@ -120,23 +142,29 @@ def import_hf_model(
     task: Task,
     gguf_file: str | None = None,
     progress: Progress | None = None,
+    weights: Weights = "auto",
 ) -> ModelVersion:
     """Convert a local HF folder (or a GGUF file in it) into the next version of ``name``.
 
     The version holds fp32 safetensors (what NOTES measured: a 135M model is
     538 MB and loads in ~0.4 s; bf16 matmuls are slow on most CPUs), the
     tokenizer, the generation config and, for embedding models, the
-    sentence-transformers pooling config.
+    sentence-transformers pooling config. ``weights`` (``auto``: ``both`` for
+    a GGUF source, ``safetensors`` for a folder): ``both`` also keeps the
+    GGUF as ``model.gguf`` (a folder's weights are exported to f16 GGUF),
+    ``gguf`` keeps only the GGUF (plus tokenizer and config; transformers
+    cannot serve that version).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    weights = _check_weights(weights, task, gguf_file)
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"model folder {source} does not exist")
     if gguf_file and not (source / gguf_file).is_file():
         raise FileNotFoundError(f"GGUF file {source / gguf_file} does not exist")
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     say = progress or (lambda _msg: None)
     cls = _auto_class(task)
@@ -145,35 +173,82 @@ def import_hf_model(
         kwargs["gguf_file"] = gguf_file
     say(f"loading {source / gguf_file if gguf_file else source}")
     tokenizer = AutoTokenizer.from_pretrained(str(source), **kwargs)
-    model = cls.from_pretrained(str(source), dtype=torch.float32, **kwargs)
-    if gguf_file:
-        say("dequantising GGUF weights")
-        model = _dequantised(model, cls)
-    model.eval()
-    config = model.config
-    card = {
+    if weights == "gguf":  # no transformers weights: skip the ~20 s dequantisation
+        model = None
+        config = AutoConfig.from_pretrained(str(source), **kwargs)
+    else:
+        model = cls.from_pretrained(str(source), dtype=torch.float32, **kwargs)
+        if gguf_file:
+            say("dequantising GGUF weights")
+            model = _dequantised(model, cls)
+        model.eval()
+        config = model.config
+    card: dict[str, Any] = {
         "task": task,
-        "format": "hf-transformers",
+        "format": "gguf" if weights == "gguf" else "hf-transformers",
+        "formats": ["gguf"] if weights == "gguf" else ["hf-transformers"],
         "base_model": name,
         "source": str(source / gguf_file) if gguf_file else str(source),
-        "architecture": (config.architectures or [type(model).__name__])[0],
+        "architecture": _architecture(config, model, task),
         "context_length": _context_length(config, tokenizer, source),
-        "num_parameters": int(sum(p.numel() for p in model.parameters())),
-        "dtype": str(model.dtype).removeprefix("torch."),
+        "num_parameters": _gguf_parameters(source / gguf_file) if model is None else
+        int(sum(p.numel() for p in model.parameters())),
+        "dtype": "gguf" if model is None else str(model.dtype).removeprefix("torch."),
         "owned_by": "maas",
     }
     with tempfile.TemporaryDirectory(prefix="maas-import-") as tmp:
-        say(f"writing {name} as safetensors")
-        model.save_pretrained(tmp, safe_serialization=True)
+        if model is None:
+            from transformers import GenerationConfig
+
+            config.save_pretrained(tmp)
+            GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        else:
+            say(f"writing {name} as safetensors")
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for rel in _SENTENCE_TRANSFORMERS_FILES:
             if (source / rel).is_file():
                 (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source / rel, Path(tmp) / rel)
+        if gguf_file and weights != "safetensors":
+            say(f"keeping {gguf_file} for the llama.cpp engine")
+            shutil.copy2(source / gguf_file, Path(tmp) / GGUF_FILE)
+            card["formats"] = [*card["formats"], "gguf"] if weights == "both" else ["gguf"]
+            card["gguf"] = {"file": GGUF_FILE, "source_file": gguf_file,
+                            "file_type": _gguf_file_type(source / gguf_file)}
+        elif weights == "both":
+            say(f"exporting {name} to GGUF (f16)")
+            card = attach_gguf(tmp, card, "f16")
         mv = registry.publish(name, Path(tmp), card)
     logger.info("imported %s from %s", mv.id, card["source"])
     say(f"imported {mv.id}")
     return mv
+
+
+def _architecture(config: Any, model: Any, task: str) -> str:
+    """``LlamaForCausalLM`` and the like; a config read from a GGUF names none, so ask transformers."""
+    if config.architectures:
+        return str(config.architectures[0])
+    if model is not None:
+        return type(model).__name__
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    mapping = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if task == "chat" else {}
+    return str(mapping.get(config.model_type, config.model_type))
+
+
+def _gguf_file_type(path: Path) -> str:
+    """The GGUF's weight type as llama.cpp names it (``MOSTLY_Q4_1``, ``MOSTLY_F16``...)."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).get_field(gguf.Keys.General.FILE_TYPE)
+    return gguf.LlamaFileType(int(field.contents())).name if field is not None else "unknown"
+
+
+def _gguf_parameters(path: Path) -> int:
+    import gguf
+
+    return int(sum(t.n_elements for t in gguf.GGUFReader(str(path)).tensors))
 
 
 def ensure_base_models(registry: Registry, progress: Progress | None = None) -> list[ModelVersion]:

@@ -28,8 +28,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
         settings.predictor.max_batch_size,
         settings.predictor.batch_wait_timeout_s,
     )
-    llm = LLMServer.options(logging_config=logging_config).bind(
-        settings.storage, settings.llm.max_batch_size)
+    llm = LLMServer.options(logging_config=logging_config).bind(settings.storage, **settings.llm.model_dump())
     embedder = EmbeddingServer.options(logging_config=logging_config).bind(
         settings.storage, settings.embeddings.max_batch_size, settings.embeddings.batch_wait_timeout_s)
     return Ingress.options(logging_config=logging_config).bind(

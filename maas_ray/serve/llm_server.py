@@ -2,7 +2,8 @@
 
 Each replica keeps up to ``MAX_LLMS_PER_REPLICA`` engines (LRU via
 ``@serve.multiplexed``); each engine runs iteration-level batching over every
-request routed to it, so concurrent requests share decode steps.
+request routed to it, so concurrent requests share decode steps. The engine
+(transformers or llama.cpp) is picked per model by :mod:`.llm.selection`.
 """
 
 from __future__ import annotations
@@ -32,24 +33,33 @@ DEFAULT_MAX_TOKENS = int(os.environ.get("MAAS_DEFAULT_MAX_TOKENS", "256"))
     ray_actor_options={"num_cpus": 0.5},
 )
 class LLMServer:
-    def __init__(self, storage_root: str, max_batch_size: int = 16) -> None:
+    def __init__(self, storage_root: str, max_batch_size: int = 16, engine: str = "auto",
+                 model_engines: dict[str, str] | None = None, llama_cpp_threads: int | None = None) -> None:
+        from maas_ray.serve.llm.selection import EngineConfig
+
         self.registry = Registry(storage_root)
-        self.max_batch_size = max_batch_size
+        self.engines = EngineConfig(engine, dict(model_engines or {}), max_batch_size,  # type: ignore[arg-type]
+                                    llama_cpp_threads)
 
     @serve.multiplexed(max_num_models_per_replica=MAX_LLMS_PER_REPLICA)
     async def get_engine(self, model_id: str) -> Any:
-        from maas_ray.serve.llm import TransformersEngine
+        from maas_ray.serve.llm.selection import engine_loader
 
-        return await load_version(self.registry, model_id,
-                                  lambda path: TransformersEngine(path, max_batch_size=self.max_batch_size))
+        loader = engine_loader(self.registry.get(model_id), self.engines)
+        return await load_version(self.registry, model_id, loader)
 
     @meter_generation("llm")
     async def generate(self, model_id: str, prompt: str | list[dict[str, str]],
                        params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """First yields ``{"prompt_tokens"}`` or ``{"error"}``, then text deltas."""
         from maas_ray.serve.llm import SamplingParams
+        from maas_ray.serve.llm.selection import EngineUnavailable
 
-        engine = await self.get_engine(model_id)
+        try:
+            engine = await self.get_engine(model_id)
+        except EngineUnavailable as err:
+            yield {"error": str(err), "param": "model", "code": "model_not_supported"}
+            return
         ids = engine.apply_chat_template(prompt) if isinstance(prompt, list) else engine.encode(prompt)
         room = engine.context_length - len(ids)
         max_tokens = params.get("max_tokens")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from maas_ray import storage
+from maas_ray.serve.llm.selection import EngineChoice
 
 
 class PredictorArgs(BaseModel):
@@ -27,6 +28,16 @@ class LLMArgs(BaseModel):
 
     max_batch_size: int = Field(
         default=16, ge=1, description="Most sequences decoded together in one step (per model)."
+    )
+    engine: EngineChoice = Field(
+        default="auto", description="Generation engine: 'auto' serves models that have GGUF weights with "
+        "llama.cpp on CPU replicas (if installed) and the rest with transformers."
+    )
+    model_engines: dict[str, EngineChoice] = Field(
+        default_factory=dict, description="Engine per model, by name or name:version; overrides `engine`."
+    )
+    llama_cpp_threads: int | None = Field(
+        default=None, ge=1, description="llama.cpp compute threads per model (default: the replica's CPUs)."
     )
 
 

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from maas_ray.serve.llm.embedder import Embedder
     from maas_ray.serve.llm.engine import (EngineClosed, GenerationChunk, GenerationEngine,
                                            SamplingParams)
+    from maas_ray.serve.llm.llamacpp_engine import LlamaCppEngine
     from maas_ray.serve.llm.transformers_engine import TransformersEngine
 
 _WHERE = {
@@ -20,6 +21,7 @@ _WHERE = {
     "EngineClosed": "engine",
     "GenerationChunk": "engine",
     "GenerationEngine": "engine",
+    "LlamaCppEngine": "llamacpp_engine",
     "SamplingParams": "engine",
     "TransformersEngine": "transformers_engine",
 }

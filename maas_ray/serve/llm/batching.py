@@ -1,0 +1,273 @@
+"""What every continuous-batching backend shares: the request's life around the model.
+
+A backend subclasses :class:`BatchingEngine` and supplies the model part —
+``_load`` (on the scheduler thread), ``_admit`` (waiting → running),
+``_step`` (one forward pass for the running batch, then :meth:`_accept` per
+sampled token) and ``_release`` (free a request's resources when it leaves).
+This class owns the rest, identical for every backend, so every engine streams
+the same chunks: the queue and the scheduler thread, streaming to the caller's
+event loop, cancellation by id or by an abandoned iterator, and the stop rules
+(EOS and stop tokens, stop strings via :class:`TextStream`, ``max_tokens``,
+the context length) with usage counts on every chunk.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from maas_ray.serve.llm.detokenize import TextStream
+from maas_ray.serve.llm.engine import (EngineClosed, FinishReason, GenerationChunk,
+                                       GenerationEngine, SamplingParams)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Request:
+    """One request's state; owned by the scheduler thread once admitted."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    text: TextStream
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue[GenerationChunk | BaseException]
+    generated: list[int] = field(default_factory=list)
+    unsent: list[int] = field(default_factory=list)  # token ids not yet in a chunk
+    done: bool = False
+    state: Any = None
+    """The backend's per-request data (KV slot, sampler, RNG)."""
+
+    def send(self, item: GenerationChunk | BaseException) -> bool:
+        """Hand ``item`` to the consumer's event loop; False if that loop is gone."""
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+            return True
+        except RuntimeError:  # loop closed: nobody is listening any more
+            return False
+
+
+def merge(chunks: list[GenerationChunk]) -> GenerationChunk:
+    """Chunks that queued up while the consumer was busy, as one (same text, same ids)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    last = chunks[-1]
+    return GenerationChunk("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids],
+                           last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+
+class BatchingEngine(GenerationEngine):
+    """Queue, scheduler thread, streaming, cancellation and stop rules; see the module doc.
+
+    Subclasses set ``tokenizer`` (has ``decode``), ``eos_ids`` and
+    ``context_length`` in ``_load`` and keep ``_running`` (admitted requests)
+    up to date in ``_admit`` / :meth:`_remove`.
+    """
+
+    tokenizer: Any
+    eos_ids: frozenset[int]
+
+    def __init__(self, max_batch_size: int) -> None:
+        self.max_batch_size = max_batch_size
+        self._lock = threading.Lock()  # guards _waiting, _cancelled, _live, _running
+        self._waiting: deque[Request] = deque()
+        self._cancelled: set[Request] = set()  # admitted, then abandoned
+        self._live: dict[str, Request] = {}
+        self._running: list[Request] = []  # changed by the scheduler thread only
+        self._closed = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _start(self, name: str) -> None:
+        """Run ``_load`` then the scheduling loop on a new thread; re-raise a load error."""
+        ready = threading.Event()
+        failed: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, args=(ready, failed), name=name, daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failed:
+            raise failed[0]
+
+    # -- the backend's part ------------------------------------------------------
+    @abc.abstractmethod
+    def _load(self) -> None:
+        """Load the model (scheduler thread); set tokenizer, eos_ids, context_length."""
+
+    @abc.abstractmethod
+    def _admit(self) -> None:
+        """Move waiting requests into the running batch (scheduler thread)."""
+
+    @abc.abstractmethod
+    def _step(self) -> None:
+        """One forward pass for the running batch; :meth:`_accept` each sampled token."""
+
+    @abc.abstractmethod
+    def _remove(self, rows: set[int]) -> None:
+        """Drop the requests at these indices of ``_running`` and free what they hold."""
+
+    def _scheduler_stats(self) -> dict[str, int]:
+        """Backend figures added to :meth:`stats` (read without the scheduler's help)."""
+        return {}
+
+    def _shutdown(self) -> None:  # noqa: B027 - optional
+        """Free the model (scheduler thread, after the loop ends)."""
+
+    # -- public API --------------------------------------------------------------
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[GenerationChunk]:
+        """Stream the completion; chunks that pile up while the consumer is busy
+        arrive merged into one (same text and token ids, fewer messages)."""
+        if self._closed.is_set():
+            raise EngineClosed("the engine is closed")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.context_length:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context holds "
+                             f"{self.context_length} (prompt + completion)")
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        seq = Request(request_id, list(prompt_ids), params, stop_ids, TextStream(self.tokenizer, params.stop),
+                      asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:  # checked under the lock: close() fails whatever is queued by then
+            if self._closed.is_set():
+                raise EngineClosed("the engine is closed")
+            if request_id in self._live:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._live[request_id] = seq
+            self._waiting.append(seq)
+        self._wake.set()
+        try:
+            while True:
+                items = [await seq.out.get()]
+                while not seq.out.empty() and not isinstance(items[-1], BaseException):
+                    items.append(seq.out.get_nowait())
+                chunks = [i for i in items if isinstance(i, GenerationChunk)]
+                if chunks:
+                    chunk = merge(chunks)
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        return
+                if isinstance(items[-1], BaseException):
+                    raise items[-1]
+        finally:  # normal end, error, or the consumer went away (disconnect, cancellation)
+            if not seq.done:
+                self.cancel(request_id)
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            seq = self._live.pop(request_id, None)
+            if seq is None:
+                return
+            if seq in self._waiting:  # never admitted: nothing to free but the place in line
+                self._waiting.remove(seq)
+                seq.done = True
+                return
+            self._cancelled.add(seq)
+        self._wake.set()
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            counts = {"running": len(self._running), "waiting": len(self._waiting)}
+        return counts | self._scheduler_stats()
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._wake.set()
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+
+    def __del__(self) -> None:  # Serve's multiplexer calls this when it evicts the model
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # -- scheduler thread --------------------------------------------------------
+    def _run(self, ready: threading.Event, failed: list[BaseException]) -> None:
+        try:
+            self._load()
+        except BaseException as err:  # noqa: BLE001 - re-raised by _start
+            failed.append(err)
+            self._closed.set()
+            return
+        finally:
+            ready.set()
+        try:
+            while not self._closed.is_set():
+                try:
+                    # Cleared before the queues are read: a request or cancel that
+                    # arrives after this line sets it again, so the wait below
+                    # returns at once instead of sleeping on it.
+                    self._wake.clear()
+                    self._drop_cancelled()
+                    self._admit()
+                    if not self._running:
+                        self._wake.wait(timeout=1.0)
+                        continue
+                    self._step()
+                except Exception as err:  # noqa: BLE001 - fail these requests, keep the replica
+                    logger.exception("decode step failed; failing %d running requests", len(self._running))
+                    self._fail(err, waiting_too=False)
+            self._fail(EngineClosed("the engine was closed"), waiting_too=True)
+        finally:
+            self._shutdown()
+
+    def _fail(self, err: BaseException, waiting_too: bool) -> None:
+        """End running (and waiting) requests with ``err`` and free what they held."""
+        self._remove(set(range(len(self._running))))
+        with self._lock:
+            seqs = [s for s in self._live.values() if waiting_too or s not in self._waiting]
+            if waiting_too:
+                self._waiting.clear()
+            for seq in seqs:
+                self._live.pop(seq.request_id, None)
+            self._cancelled.clear()
+        for seq in seqs:
+            seq.done = True
+            seq.send(err)
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+        if cancelled:
+            self._remove({i for i, s in enumerate(self._running) if s in cancelled})
+
+    def _accept(self, seq: Request, token: int) -> bool:
+        """Record a sampled token, stream what is safe to send; True if ``seq`` is finished."""
+        seq.generated.append(token)
+        seq.unsent.append(token)
+        finish: FinishReason | None = None
+        if token in seq.stop_ids:
+            finish = "stop"
+        else:
+            seq.text.push(token)
+        if len(seq.generated) >= seq.params.max_tokens:
+            finish = finish or "length"
+        elif len(seq.prompt) + len(seq.generated) >= self.context_length:
+            finish = finish or "length"
+        delta = seq.text.take(final=finish is not None)
+        if seq.text.stopped:
+            finish = "stop"
+        if delta or finish:
+            chunk = GenerationChunk(delta, seq.unsent, finish, len(seq.prompt), len(seq.generated))
+            seq.unsent = []
+            if finish:
+                self._retire(seq, chunk)
+            elif not seq.send(chunk):  # the consumer's loop is gone
+                self.cancel(seq.request_id)
+        return finish is not None
+
+    def _retire(self, seq: Request, last: GenerationChunk | BaseException) -> None:
+        with self._lock:
+            self._live.pop(seq.request_id, None)
+        seq.done = True
+        seq.send(last)

