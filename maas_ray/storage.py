@@ -48,17 +48,20 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and the path inside it for ``uri``.
 
     S3 endpoints and credentials come from the usual environment variables
-    (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``...).
+    (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL_S3`` or
+    ``AWS_ENDPOINT_URL`` for S3-compatible servers such as MinIO, ``AWS_REGION``).
     """
     if is_local(uri):
         return pafs.LocalFileSystem(), str(local_path(uri))
-    if uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
-        endpoint = os.environ["AWS_ENDPOINT_URL"]
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if uri.startswith("s3://") and endpoint:
         scheme, _, host = endpoint.partition("://")
         fs = pafs.S3FileSystem(
-            endpoint_override=host or endpoint,
+            endpoint_override=(host or endpoint).rstrip("/"),
             scheme=scheme if host else "https",
-            region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            # S3-compatible servers are usually addressed by path, not bucket subdomain.
+            force_virtual_addressing=False,
         )
-        return fs, uri.removeprefix("s3://")
+        return fs, uri.removeprefix("s3://").rstrip("/")
     return pafs.FileSystem.from_uri(uri)

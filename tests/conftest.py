@@ -64,10 +64,14 @@ def ray_session(maas_home: str) -> Iterator[None]:
     fractional trainers, data tasks and Serve replicas fit side by side."""
     import ray
 
-    from maas_ray.runtime import quiet_ray_data
+    from maas_ray.runtime import free_agent_port, private_temp_dir, quiet_ray_data
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"MAAS_HOME": maas_home}})
+    # The dashboard hosts Ray's job submission API, which fine-tuning jobs run through.
+    # Other Rays (test clusters) may run beside this one: the node agent gets a free
+    # port and the session a folder of its own (see maas_ray.runtime).
+    free_agent_port()
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_port=free_port(), logging_level="WARNING",
+             _temp_dir=private_temp_dir(), runtime_env={"env_vars": {"MAAS_HOME": maas_home}})
     quiet_ray_data()
     try:
         yield
@@ -117,9 +121,13 @@ def serve_url(ray_session: None, maas_home: str) -> str:
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(session_app_args(maas_home)), name="maas", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def session_app_args(maas_home: str) -> dict:
+    """The test app's arguments (tests that redeploy it use the same)."""
     # The base chat model is pinned to transformers: tests compare it with in-process
     # transformers; tests/serve/test_llamacpp_service.py serves GGUF copies with llama.cpp.
     llm = {"model_engines": {"smollm2-135m-instruct": "transformers"}}
-    serve.run(build_app({"storage": maas_home, "max_body_bytes": 64 * 1024, "llm": llm}),
-              name="maas", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    return {"storage": maas_home, "max_body_bytes": 64 * 1024, "llm": llm}

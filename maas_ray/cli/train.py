@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from maas_ray.cli.common import AddressOpt, StorageOpt, console, user_errors
-from maas_ray.config import TrainSpec, load_spec
+from maas_ray.config import FineTuneSpec, TrainSpec, load_any_spec
 
 
 @user_errors
@@ -20,18 +20,31 @@ def train(
     storage: StorageOpt = None,
     address: AddressOpt = None,
     explain: Annotated[bool, typer.Option("--explain", help="Print every spec field and exit.")] = False,
+    detach: Annotated[bool, typer.Option("--detach", help="Fine-tuning only: submit as a Ray job on "
+                                         "the cluster (--address) and return at once.")] = False,
 ) -> None:
     """Train a model from a YAML spec and publish it as the next registry version.
 
+    A spec that names a base_model fine-tunes it (chat or classifier) into
+    ft:{base}:{suffix}:{job_id}, recorded as a job (see `maas jobs`).
     The spec is validated before Ray starts; a bad one exits with code 2 and names
-    the field. Example: maas train examples/regression/spec.yaml
+    the field. Examples: maas train examples/regression/spec.yaml;
+    maas train examples/finetune/spec.yaml
     """
     if explain:
         console.print(_explain_table(TrainSpec))
+        console.print(_explain_table(FineTuneSpec, table=Table("field", "type", "default", "description",
+                                                                title="fine-tuning spec")))
         return
     if spec is None:
         raise typer.BadParameter("give a spec file, or --explain", param_hint="SPEC")
-    parsed = load_spec(spec)
+    any_spec = load_any_spec(spec)
+    if isinstance(any_spec, FineTuneSpec):
+        from maas_ray.cli.jobs import run_finetune_spec
+
+        run_finetune_spec(any_spec, storage, address, detach)
+        return
+    parsed = any_spec
 
     from maas_ray.runtime import ray_session
     from maas_ray.train import run_training

@@ -50,7 +50,9 @@ def up(
         for mv in versions:
             console.print(f"base model {mv.id} ({mv.task})")
     init: dict = {} if joins(address) else {
-        "_metrics_export_port": metrics_port, "num_cpus": num_cpus}
+        "_metrics_export_port": metrics_port, "num_cpus": num_cpus,
+        # The dashboard hosts Ray's job server, which fine-tuning jobs run through.
+        "include_dashboard": True}
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with ray_session(address, **{k: v for k, v in init.items() if v is not None}):

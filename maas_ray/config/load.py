@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from maas_ray.config.finetune import FineTuneSpec
 from maas_ray.config.specs import TrainSpec
 
 
@@ -77,7 +78,32 @@ def parse_spec(raw: Any, origin: str = "spec", base_dir: Path | None = None) -> 
 
 
 def load_spec(path: str | Path) -> TrainSpec:
-    """Read and validate a YAML spec file; raise :class:`SpecError` on any problem."""
+    """Read and validate a YAML training spec; raise :class:`SpecError` on any problem."""
+    spec = load_any_spec(path)
+    if not isinstance(spec, TrainSpec):
+        raise SpecError(f"{path}: a fine-tuning spec (it names base_model), not a training spec")
+    return spec
+
+
+def parse_finetune_spec(raw: dict[str, Any], origin: str = "spec",
+                        base_dir: Path | None = None) -> FineTuneSpec:
+    """Validate a fine-tuning spec; local data paths become absolute (relative to ``base_dir``)."""
+    try:
+        spec = FineTuneSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, origin)) from None
+    if base_dir is None:
+        return spec
+    update = {}
+    for key in ("training_file", "validation_file"):
+        value = getattr(spec, key)
+        if value and "://" not in value and not value.startswith("file-") and not Path(value).is_absolute():
+            update[key] = str((base_dir / value).resolve())
+    return spec.model_copy(update=update)
+
+
+def load_any_spec(path: str | Path) -> TrainSpec | FineTuneSpec:
+    """A training spec, or a fine-tuning spec when it names a ``base_model``."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -89,4 +115,6 @@ def load_spec(path: str | Path) -> TrainSpec:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if isinstance(raw, dict) and "base_model" in raw:
+        return parse_finetune_spec(raw, origin=str(path), base_dir=path.parent)
     return parse_spec(raw, origin=str(path), base_dir=path.parent)

@@ -138,7 +138,7 @@ class Registry:
         if self._local:
             path = storage.local_path(mv.uri)
         else:
-            path = _CACHE / "models" / mv.name.replace(":", "__") / str(mv.version)
+            path = _CACHE / "models" / mv.name.replace(":", "__") / f"{mv.version}-{self._cache_key(mv)}"
             if not (path / CARD).exists():
                 tmp = path.with_name(f".{path.name}-{uuid.uuid4().hex[:8]}")
                 tmp.mkdir(parents=True)
@@ -157,6 +157,12 @@ class Registry:
                         f"{mv.id}: file {fname!r} is missing or does not match its checksum"
                     )
         return path
+
+    def _cache_key(self, mv: ModelVersion) -> str:
+        """Tells apart equal ``name:version`` ids from two storage roots, or a number
+        reused after ``remove`` on an object store, so a cached copy is never stale."""
+        ident = [self.root, mv.card.get("created_at"), mv.card.get("files", {})]
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     # -- writing -----------------------------------------------------------
     def publish(self, name: str, src: Path, card: dict[str, Any]) -> ModelVersion:

@@ -23,13 +23,18 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
     # Pin the storage root now so every replica sees the same one.
     settings = settings.model_copy(update={"storage": settings.storage_root()})
     logging_config = {"enable_access_log": settings.access_log}
-    predictor = Predictor.options(logging_config=logging_config).bind(
+
+    def options(name: str) -> dict[str, Any]:
+        # args.deployments overrides per deployment (autoscaling, queue limits...)
+        return {"logging_config": logging_config, **settings.deployment_options(name)}
+
+    predictor = Predictor.options(**options("Predictor")).bind(
         settings.storage,
         settings.predictor.max_batch_size,
         settings.predictor.batch_wait_timeout_s,
     )
-    llm = LLMServer.options(logging_config=logging_config).bind(settings.storage, **settings.llm.model_dump())
-    embedder = EmbeddingServer.options(logging_config=logging_config).bind(
+    llm = LLMServer.options(**options("LLMServer")).bind(settings.storage, **settings.llm.model_dump())
+    embedder = EmbeddingServer.options(**options("EmbeddingServer")).bind(
         settings.storage, settings.embeddings.max_batch_size, settings.embeddings.batch_wait_timeout_s)
-    return Ingress.options(logging_config=logging_config).bind(
+    return Ingress.options(**options("Ingress")).bind(
         settings, predictor=predictor, llm=llm, embedder=embedder)

@@ -66,3 +66,18 @@ async def predict_rows(ctx: ServiceContext, mv: ModelVersion, rows: np.ndarray) 
     timeout = ctx.settings.request_timeout_s
     with replica_errors(mv, timeout):
         return await asyncio.wait_for(handle.predict.remote(mv.id, rows), timeout=timeout)
+
+
+async def classify_texts(ctx: ServiceContext, mv: ModelVersion, texts: list[Any]) -> dict[str, Any]:
+    """Texts through a fine-tuned text classifier (served by the embedding deployment)."""
+    if not all(isinstance(t, str) for t in texts):
+        raise APIError(400, f"inputs: model {mv.id!r} classifies texts: send a list of strings",
+                       "inputs", "invalid_value")
+    if len(texts) > ctx.settings.max_rows_per_request:
+        raise APIError(400, f"inputs: at most {ctx.settings.max_rows_per_request} texts per request",
+                       "inputs", "too_many_rows")
+    handle = ctx.handles["embedder"].options(multiplexed_model_id=mv.id)
+    timeout = ctx.settings.request_timeout_s
+    with replica_errors(mv, timeout):
+        out = await asyncio.wait_for(handle.classify.remote(mv.id, list(texts)), timeout=timeout)
+    return out

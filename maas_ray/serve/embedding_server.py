@@ -29,9 +29,18 @@ class EmbeddingServer:
 
     @serve.multiplexed(max_num_models_per_replica=MAX_EMBEDDERS_PER_REPLICA)
     async def get_model(self, model_id: str) -> Any:
-        from maas_ray.serve.llm import Embedder
+        """An Embedder, or a TextClassifier for fine-tuned classifiers (same encoders)."""
+        from maas_ray.serve.llm import Embedder, TextClassifier
 
-        return await load_version(self.registry, model_id, Embedder)
+        task = (await asyncio.to_thread(self.registry.get, model_id)).task
+        return await load_version(self.registry, model_id,
+                                  TextClassifier if task == "text-classification" else Embedder)
+
+    @track_ongoing("embedder")
+    async def classify(self, model_id: str, texts: list[str]) -> dict[str, Any]:
+        model = await self.get_model(model_id)
+        labels, probs = await asyncio.to_thread(model.classify, texts)
+        return {"predictions": labels, "probabilities": probs, "classes": model.classes}
 
     @track_ongoing("embedder")
     async def embed(self, model_id: str, texts: list[str], dimensions: int | None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from maas_ray.registry import InvalidModelName, ModelNotFound
 
 logger = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 409: "conflict_error",
           413: "request_too_large", 429: "rate_limit_error", 503: "service_unavailable"}
 
 

@@ -14,16 +14,17 @@ Scope = dict[str, Any]
 
 
 class BodySizeLimit:
-    def __init__(self, app: Any, max_body_bytes: Callable[[], int]) -> None:
+    def __init__(self, app: Any, max_body_bytes: Callable[[Scope], int]) -> None:
         # A callable: the limit comes from settings that exist only once the
-        # replica has started, after the app object was built.
+        # replica has started, after the app object was built; it may depend on the
+        # route (uploads get their own, larger limit).
         self.app, self._limit = app, max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self._limit()
+        limit = self._limit(scope)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from maas_ray.registry import Registry
+from maas_ray.registry.adapters import model_dir
 
 T = TypeVar("T")
 
@@ -19,5 +20,6 @@ async def load_version(registry: Registry, model_id: str, loader: Callable[[Path
     are already loaded keep flowing while a new one loads.
     """
     mv = registry.get(model_id)
-    path = await asyncio.to_thread(registry.local_dir, mv)
+    # LoRA versions are adapters: merged with their base once, then loaded like any folder.
+    path = await asyncio.to_thread(model_dir, registry, mv)
     return await asyncio.to_thread(loader, path)

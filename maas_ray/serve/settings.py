@@ -1,15 +1,22 @@
 """Application arguments: what ``apps/maas.yaml``'s ``args`` and ``maas up`` set.
 
-Per-deployment knobs (replicas, autoscaling, ``max_ongoing_requests``) stay in
-the Serve config's ``deployments:`` section, where Serve itself reads them.
+Per-deployment knobs (replicas, autoscaling, ``max_ongoing_requests``,
+``max_queued_requests``) go in the Serve config's ``deployments:`` section, where
+Serve itself reads them, or in ``deployments`` here for callers of
+:func:`~maas_ray.serve.app.build_app` without a Serve config (``maas up``, tests).
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from maas_ray import storage
 from maas_ray.serve.llm.selection import EngineChoice
+
+# The deployments of the maas app, by the names Serve configs use for them.
+DEPLOYMENTS = ("Ingress", "Predictor", "LLMServer", "EmbeddingServer")
 
 
 class PredictorArgs(BaseModel):
@@ -59,6 +66,9 @@ class AppArgs(BaseModel):
     max_body_bytes: int = Field(
         default=8 * 2**20, ge=1024, description="Largest request body accepted; larger gets 413."
     )
+    max_upload_bytes: int = Field(
+        default=512 * 2**20, ge=1024, description="Largest file accepted by POST /v1/files; larger gets 413."
+    )
     max_rows_per_request: int = Field(
         default=10_000, ge=1, description="Most input rows in one predict/infer request."
     )
@@ -73,5 +83,46 @@ class AppArgs(BaseModel):
     llm: LLMArgs = Field(default_factory=LLMArgs, description="Chat/completion models.")
     embeddings: EmbeddingArgs = Field(default_factory=EmbeddingArgs, description="Embedding models.")
 
+    deployments: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-deployment Serve options by name (Ingress, Predictor, LLMServer, "
+        "EmbeddingServer): num_replicas, autoscaling_config, max_ongoing_requests, "
+        "max_queued_requests, ray_actor_options... as in a Serve config's `deployments:` "
+        "section, which wins over these when both set an option.",
+    )
+
+    @field_validator("deployments")
+    @classmethod
+    def _known_deployment_options(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from ray.serve.config import AutoscalingConfig
+        from ray.serve.schema import DeploymentSchema
+
+        for name, options in value.items():
+            if name not in DEPLOYMENTS:
+                raise ValueError(f"unknown deployment {name!r}; expected one of {list(DEPLOYMENTS)}")
+            allowed = set(DeploymentSchema.model_fields) - {"name"}  # the key names it
+            unknown = sorted(set(options) - allowed)
+            if unknown:
+                raise ValueError(f"deployments.{name}: unknown Serve options {unknown}")
+            # Serve ignores unknown autoscaling keys; a typo there must not pass silently.
+            typos = sorted(set(options.get("autoscaling_config") or {}) - set(AutoscalingConfig.model_fields))
+            if typos:
+                raise ValueError(f"deployments.{name}.autoscaling_config: unknown options {typos}")
+            # Serve's own schema for a config's `deployments:` entry: same names,
+            # same checks (e.g. num_replicas together with autoscaling_config).
+            DeploymentSchema.model_validate({"name": name, **options})
+        return value
+
+    def auth_enabled(self, serve_host: str | None = None) -> bool:
+        """Whether API keys are required: 'auto' is on unless the host is loopback."""
+        if self.auth != "auto":
+            return self.auth == "on"
+        host = self.http_host or serve_host
+        return not is_loopback(host) if host is not None else True
+
     def storage_root(self) -> str:
         return storage.storage_root(self.storage)
+
+    def deployment_options(self, name: str) -> dict[str, Any]:
+        """Options for ``Deployment.options()`` from :attr:`deployments`."""
+        return dict(self.deployments.get(name, {}))

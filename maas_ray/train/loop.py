@@ -50,12 +50,19 @@ class ShardBatches:
     from Ray Data once and reshuffled in memory each epoch: re-streaming a few
     hundred rows every epoch costs more than the training step. Large shards
     stream from Ray Data every epoch with a local shuffle buffer.
+
+    The cache belongs to one worker group: Ray Train tears the group down and
+    starts a new one (new processes, new ``streaming_split`` for the new world
+    size) on every resize or restart, so a cache never outlives its shard. The
+    cache is also keyed by ``(world_size, rank)`` so that reusing an instance
+    under a different split would re-read rather than serve a stale shard.
     """
 
     def __init__(self, shard: Any, batch_size: int, shuffle: bool, seed: int, cache: bool) -> None:
         self.shard, self.batch_size, self.shuffle, self.seed = shard, batch_size, shuffle, seed
         self.cache = cache
         self._tensors: dict[str, torch.Tensor] | None = None
+        self._cached_for: tuple[int, int] | None = None
 
     def epoch(self, epoch: int) -> Any:
         if not self.cache:
@@ -65,7 +72,10 @@ class ShardBatches:
                 local_shuffle_seed=self.seed + epoch if self.shuffle else None,
             )
             return
-        if self._tensors is None:
+        ctx = ray.train.get_context()
+        split = (ctx.get_world_size(), ctx.get_world_rank())
+        if self._tensors is None or self._cached_for != split:
+            self._cached_for = split
             parts = list(self.shard.iter_torch_batches(batch_size=4096))
             self._tensors = {k: torch.cat([p[k] for p in parts]) for k in ("x", "y")} if parts else {}
         if not self._tensors:
@@ -147,6 +157,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(count, 1.0),
                                    "samples": int(count),  # all workers together
                                    "samples_per_s": count / max(time.perf_counter() - started, 1e-9)}
+        # Elastic runs resize between epochs: the curve shows how many workers
+        # trained each one. Ray's equal split gives each worker the same number
+        # of rows, dropping at most world_size - 1 per epoch, never duplicating one.
+        metrics["world_size"] = ctx.get_world_size()
         metrics.update(_evaluate(model, val_batches, epoch, cfg, loss_fn))
         history.append(dict(metrics))
         if rank == 0 and progress is not None:

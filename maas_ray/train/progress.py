@@ -27,3 +27,17 @@ class ProgressLog:
 
     def since(self, index: int) -> list[dict[str, Any]]:
         return self._events[index:]
+
+
+def start_progress_log(*args: Any) -> Any:
+    """A :class:`ProgressLog` pinned to the driver's node.
+
+    Left to Ray, the zero-CPU actor may land on any node; when that node is lost
+    mid-training (the very failure elastic training survives), the driver's
+    next poll would fail. The driver's own node lives as long as the driver.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return ProgressLog.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(*args)

@@ -110,7 +110,7 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     from maas_ray.train.loop import train_loop_per_worker
-    from maas_ray.train.progress import ProgressLog
+    from maas_ray.train.progress import start_progress_log
 
     quiet_ray_data()
     # Checkpoint reports wait for the controller's poll; 2 s (Ray's default) per
@@ -123,7 +123,7 @@ def run_training(
     run_name = spec.training.run_name or (
         f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     )
-    progress = ProgressLog.remote(run_name, spec.name)  # also exports job metrics
+    progress = start_progress_log(run_name, spec.name)  # also exports job metrics
     config = {
         **spec.training.model_dump(exclude={"run_name", "max_failures"}),
         "task": spec.task,
@@ -133,6 +133,10 @@ def run_training(
         "cache_shards": datasets["train"].size_bytes() <= CACHE_SHARDS_MAX_BYTES,
     }
     scaling = spec.scaling
+    # Checkpoints go through the same filesystem as the registry, so s3:// roots
+    # honour AWS_ENDPOINT_URL and credentials exactly as the registry does.
+    runs_uri = storage.join(root, "runs")
+    runs_fs, runs_path = (None, runs_uri) if storage.is_local(root) else storage.filesystem(runs_uri)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -144,7 +148,8 @@ def run_training(
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage.join(root, "runs"),
+            storage_path=runs_path,
+            storage_filesystem=runs_fs,
             failure_config=ray.train.FailureConfig(max_failures=spec.training.max_failures),
         ),
         datasets=datasets,
@@ -197,7 +202,10 @@ def run_training(
         "loss_units": "standardised target" if spec.task == "regression" else "cross-entropy",
         "loss_curve": history,
         "training_time_s": round(time.time() - started, 2),
-        "run": {"name": run_name, "storage": storage.join(root, "runs", run_name)},
+        "run": {"name": run_name, "storage": storage.join(root, "runs", run_name),
+                # First epoch this call trained: > 0 when it resumed an earlier
+                # attempt of the same run name from its latest checkpoint.
+                "started_at_epoch": seen[0]["epoch"] if seen else spec.training.epochs},
         "n_features": pre.n_features,
         "classes": pre.classes,
     }

@@ -10,6 +10,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from maas_ray.serve.llm.classifier import TextClassifier
     from maas_ray.serve.llm.embedder import Embedder
     from maas_ray.serve.llm.engine import (EngineClosed, GenerationChunk, GenerationEngine,
                                            SamplingParams)
@@ -23,6 +24,7 @@ _WHERE = {
     "GenerationEngine": "engine",
     "LlamaCppEngine": "llamacpp_engine",
     "SamplingParams": "engine",
+    "TextClassifier": "classifier",
     "TransformersEngine": "transformers_engine",
 }
 __all__ = sorted(_WHERE)

@@ -9,7 +9,8 @@ import numpy as np
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from maas_ray.serve.calls import check_rows, predict_rows
+from maas_ray.serve.calls import check_rows, classify_texts, predict_rows
+from maas_ray.registry import ModelNotFound
 from maas_ray.serve.context import get_context
 from maas_ray.serve.errors import APIError
 
@@ -21,8 +22,9 @@ Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    inputs: list[list[Number]] = Field(
-        min_length=1, description="Rows of raw feature values, in the model's feature order."
+    inputs: list[list[Number]] | list[Annotated[str, Field(strict=True)]] = Field(
+        min_length=1, description="Tabular models: rows of raw feature values, in the model's "
+        "feature order. Text classifiers: the texts to classify."
     )
 
 
@@ -77,6 +79,13 @@ async def predict(model_id: str, body: PredictRequest) -> PredictResponse:
     if len({len(row) for row in body.inputs}) != 1:
         raise APIError(400, "inputs: every row must have the same number of values",
                        "inputs", "invalid_shape")
+    if mv.task == "text-classification":
+        out = await classify_texts(ctx, mv, body.inputs)
+        return PredictResponse(model=mv.id, predictions=list(out["predictions"]),
+                               probabilities=np.asarray(out["probabilities"]).tolist())
+    if any(isinstance(row, str) for row in body.inputs):
+        raise APIError(400, f"inputs: model {mv.id!r} is a {mv.task!r} model: send rows of "
+                       "numbers, not texts", "inputs", "invalid_value")
     rows = np.asarray(body.inputs, dtype=np.float64)  # (B, F)
     check_rows(mv, rows, ctx.settings.max_rows_per_request, "inputs")
     out = await predict_rows(ctx, mv, rows)

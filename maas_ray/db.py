@@ -1,0 +1,144 @@
+"""The project database: uploaded files, fine-tuning jobs, their events and checkpoints.
+
+SQLite under the storage root by default (``{storage}/maas.db``); any SQLAlchemy
+URL in ``$MAAS_DATABASE_URL`` instead (``postgresql://...`` for a cluster, where
+several nodes write and the storage root may be an object store that cannot
+hold a SQLite file). Tables are created on first use; later issues add their
+own tables to the same :data:`Base`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import (JSON, BigInteger, Float, ForeignKey, Integer, String, Text, create_engine,
+                        event)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from maas_ray import storage
+
+URL_ENV = "MAAS_DATABASE_URL"
+
+
+class DatabaseConfigError(RuntimeError):
+    """No usable database for this storage root."""
+
+
+def database_url(storage_root: str | None = None) -> str:
+    """``$MAAS_DATABASE_URL``, else a SQLite file under a local storage root."""
+    url = os.environ.get(URL_ENV)
+    if url:
+        return url
+    root = storage.storage_root(storage_root)
+    if not storage.is_local(root):
+        raise DatabaseConfigError(
+            f"storage root {root} is an object store, which cannot hold the SQLite database: "
+            f"set {URL_ENV} (e.g. postgresql://user:pass@host/maas)")
+    path = storage.local_path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'maas.db'}"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class FileRow(Base):
+    __tablename__ = "files"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), index=True, default="default")
+    filename: Mapped[str] = mapped_column(String(512))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    # Lists are newest first: seconds alone cannot order rows made in one second.
+    created_ns: Mapped[int] = mapped_column(BigInteger, default=time.time_ns, index=True)
+    uri: Mapped[str] = mapped_column(Text)
+    data_format: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class JobRow(Base):
+    __tablename__ = "fine_tuning_jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), index=True, default="default")
+    model: Mapped[str] = mapped_column(String(512))
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    ray_job_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    created_ns: Mapped[int] = mapped_column(BigInteger, default=time.time_ns, index=True)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class EventRow(Base):
+    __tablename__ = "fine_tuning_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"),
+                                        index=True)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    level: Mapped[str] = mapped_column(String(16), default="info")
+    type: Mapped[str] = mapped_column(String(16), default="message")
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class CheckpointRow(Base):
+    __tablename__ = "fine_tuning_checkpoints"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"),
+                                        index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    step: Mapped[int] = mapped_column(Integer)
+    epoch: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    uri: Mapped[str] = mapped_column(Text)
+
+
+@functools.lru_cache(maxsize=8)
+def engine(url: str) -> Engine:
+    """One engine per URL per process; tables created on first use."""
+    if url.startswith("sqlite"):
+        # Several processes (ingress replicas, job drivers, the CLI) share the file:
+        # WAL lets readers run beside one writer; writers wait instead of failing.
+        eng = create_engine(url, connect_args={"timeout": 30},
+                            json_serializer=lambda o: json.dumps(o, default=str))
+
+        @event.listens_for(eng, "connect")
+        def _pragmas(conn: Any, _record: Any) -> None:
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+    else:
+        eng = create_engine(url, pool_pre_ping=True,
+                            json_serializer=lambda o: json.dumps(o, default=str))
+    Base.metadata.create_all(eng)
+    return eng
+
+
+@contextmanager
+def session(storage_root: str | None = None) -> Iterator[Session]:
+    """A transaction: committed when the block ends, rolled back on error."""
+    factory = sessionmaker(engine(database_url(storage_root)), expire_on_commit=False)
+    with factory.begin() as s:
+        yield s

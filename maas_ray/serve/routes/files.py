@@ -1,0 +1,115 @@
+"""``/v1/files``: OpenAI's file API, for fine-tuning data.
+
+Handlers are plain ``def``: the database and storage calls block, so FastAPI
+runs them in its thread pool instead of on the replica's event loop.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+
+from maas_ray import db
+from maas_ray.finetune.files import FileNotFound, FileRejected, FileStore
+from maas_ray.finetune.jobs import ACTIVE, JobService
+from maas_ray.serve.context import get_context, tenant_of
+from maas_ray.serve.errors import APIError
+
+router = APIRouter(tags=["files"])
+
+
+@functools.lru_cache(maxsize=4)
+def file_store(root: str) -> FileStore:
+    return FileStore(root)
+
+
+@functools.lru_cache(maxsize=4)
+def job_service(root: str) -> JobService:
+    return JobService(root)
+
+
+def files() -> FileStore:
+    return file_store(get_context().settings.storage_root())
+
+
+def not_found(err: LookupError, param: str = "file_id") -> APIError:
+    return APIError(404, str(err).strip("'\""), param, "not_found")
+
+
+def database_errors(fn: Any) -> Any:
+    """A service whose database cannot be reached answers 503, never 500."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except db.DatabaseConfigError as err:
+            raise APIError(503, str(err), None, "database_unavailable") from None
+    return wrapper
+
+
+@router.post("/v1/files")
+@database_errors
+def upload_file(request: Request, file: Annotated[UploadFile, File(description="The file (JSONL for fine-tune).")],
+                purpose: Annotated[str, Form(description="fine-tune, batch, user_data, ...")]) -> dict[str, Any]:
+    try:
+        stored = files().create(file.filename or "upload.jsonl", file.file, purpose, tenant_of(request))
+    except FileRejected as err:
+        raise APIError(400, str(err), "file", "invalid_file") from None
+    return stored.to_openai()
+
+
+@router.get("/v1/files")
+@database_errors
+def list_files(request: Request, purpose: str | None = None,
+               limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+               after: str | None = None, order: Literal["asc", "desc"] = "desc") -> dict[str, Any]:
+    rows = files().list(tenant_of(request), purpose, limit + 1, after, order)
+    data = [f.to_openai() for f in rows[:limit]]
+    return {"object": "list", "data": data, "has_more": len(rows) > limit,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
+@router.get("/v1/files/{file_id}")
+@database_errors
+def get_file(request: Request, file_id: str) -> dict[str, Any]:
+    try:
+        return files().get(file_id, tenant_of(request)).to_openai()
+    except FileNotFound as err:
+        raise not_found(err) from None
+
+
+@router.get("/v1/files/{file_id}/content")
+@database_errors
+def file_content(request: Request, file_id: str) -> StreamingResponse:
+    try:
+        chunks = files().open(file_id, tenant_of(request))
+    except FileNotFound as err:
+        raise not_found(err) from None
+    return StreamingResponse(chunks, media_type="application/octet-stream")
+
+
+@router.delete("/v1/files/{file_id}")
+@database_errors
+def delete_file(request: Request, file_id: str) -> dict[str, Any]:
+    tenant = tenant_of(request)
+    store = files()
+    try:
+        store.get(file_id, tenant)
+    except FileNotFound as err:
+        raise not_found(err) from None
+    with db.session(store.root) as s:  # data a running job still reads is not lost
+        busy = s.scalars(select(db.JobRow.id).where(
+            db.JobRow.status.in_(ACTIVE),
+            (db.JobRow.training_file == file_id) | (db.JobRow.validation_file == file_id))).first()
+    if busy:
+        raise APIError(409, f"file {file_id} is in use by fine-tuning job {busy}; "
+                       "cancel the job or wait for it to finish", "file_id", "file_in_use")
+    try:
+        store.delete(file_id, tenant)
+    except FileNotFound as err:
+        raise not_found(err) from None
+    return {"id": file_id, "object": "file", "deleted": True}

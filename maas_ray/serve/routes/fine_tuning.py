@@ -1,0 +1,160 @@
+"""``/v1/fine_tuning/jobs``: OpenAI's fine-tuning API over Ray jobs.
+
+The body is OpenAI's; ``method`` takes ``{"type": "supervised"}`` (full
+fine-tuning, OpenAI's own) or ``{"type": "lora", "lora": {"r", "alpha",
+"dropout", "target_modules", "hyperparameters"}}`` (our extension). Both
+become one :class:`~maas_ray.config.finetune.FineTuneSpec`, the same spec
+``maas train`` runs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from maas_ray.config.finetune import FineTuneSpec
+from maas_ray.config.load import format_validation_error
+from maas_ray.finetune.jobs import JobConflict, JobNotFound, JobRejected
+from maas_ray.serve.context import get_context, tenant_of
+from maas_ray.serve.errors import APIError
+from maas_ray.serve.routes.files import database_errors, job_service, not_found
+
+router = APIRouter(tags=["fine-tuning"])
+
+Auto = Literal["auto"]
+
+
+class HyperparametersIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n_epochs: int | Auto | None = None
+    batch_size: int | Auto | None = None
+    learning_rate_multiplier: float | Auto | None = None
+
+
+class MethodOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: HyperparametersIn | None = None
+    r: int | None = None
+    alpha: int | None = None
+    dropout: float | None = None
+    target_modules: list[str] | None = None
+
+
+class MethodIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised", "lora"] = "supervised"
+    supervised: MethodOptions | None = None
+    lora: MethodOptions | None = None
+
+
+class CreateJob(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="Base model id, e.g. smollm2-135m-instruct.")
+    training_file: str = Field(description="Id of an uploaded file (purpose fine-tune).")
+    validation_file: str | None = None
+    suffix: str | None = None
+    seed: int | None = None
+    hyperparameters: HyperparametersIn | None = None
+    method: MethodIn | None = None
+    export_gguf: Literal["f32", "f16", "q8_0"] | None = Field(
+        default=None, description="maas extension: also publish a GGUF for the llama.cpp engine.")
+    metadata: dict[str, str] | None = None
+    integrations: list[dict[str, Any]] | None = None
+
+
+def to_spec(body: CreateJob) -> FineTuneSpec:
+    method = body.method or MethodIn()
+    options = (method.lora if method.type == "lora" else method.supervised) or MethodOptions()
+    hp: dict[str, Any] = {}
+    for source in (body.hyperparameters, options.hyperparameters):  # method's win, as in OpenAI
+        if source is not None:
+            hp.update({k: v for k, v in source.model_dump().items() if v not in (None, "auto")})
+    raw: dict[str, Any] = {"base_model": body.model, "training_file": body.training_file,
+                           "validation_file": body.validation_file, "suffix": body.suffix,
+                           "seed": body.seed, "hyperparameters": hp,
+                           "method": "lora" if method.type == "lora" else "full",
+                           "export_gguf": body.export_gguf}
+    if method.type == "lora":
+        raw["lora"] = {k: v for k, v in options.model_dump(exclude={"hyperparameters"}).items()
+                       if v is not None}
+    try:
+        return FineTuneSpec.model_validate(raw)
+    except ValidationError as err:
+        message = format_validation_error(err, "request").replace("request: ", "", 1)
+        param = message.split(":", 1)[0].replace("base_model", "model")
+        raise APIError(400, message.replace("base_model", "model"), param, "invalid_value") from None
+
+
+def jobs() -> Any:
+    return job_service(get_context().settings.storage_root())
+
+
+@router.post("/v1/fine_tuning/jobs")
+@database_errors
+def create_job(request: Request, body: CreateJob) -> dict[str, Any]:
+    spec = to_spec(body)
+    try:
+        return jobs().create(spec, tenant_of(request))
+    except JobRejected as err:
+        raise APIError(400, str(err), err.param, "invalid_value") from None
+    except RuntimeError as err:  # no dashboard / job server: the cluster cannot run jobs
+        raise APIError(503, f"cannot start the fine-tuning job: {err}", None,
+                       "jobs_unavailable", {"Retry-After": "30"}) from None
+
+
+@router.get("/v1/fine_tuning/jobs")
+@database_errors
+def list_jobs(request: Request, after: str | None = None,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
+    try:
+        data, more = jobs().list(tenant_of(request), after, limit)
+    except JobNotFound as err:
+        raise APIError(400, f"after: {err}", "after", "invalid_value") from None
+    return {"object": "list", "data": data, "has_more": more}
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}")
+@database_errors
+def get_job(request: Request, job_id: str) -> dict[str, Any]:
+    try:
+        return jobs().get(job_id, tenant_of(request))
+    except JobNotFound as err:
+        raise not_found(err, "fine_tuning_job_id") from None
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/events")
+@database_errors
+def job_events(request: Request, job_id: str, after: str | None = None,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict[str, Any]:
+    try:
+        data, more = jobs().events(job_id, tenant_of(request), after, limit)
+    except JobNotFound as err:
+        raise not_found(err, "fine_tuning_job_id") from None
+    except JobRejected as err:
+        raise APIError(400, str(err), err.param, "invalid_value") from None
+    return {"object": "list", "data": data, "has_more": more}
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+@database_errors
+def job_checkpoints(request: Request, job_id: str,
+                    limit: Annotated[int, Query(ge=1, le=100)] = 10) -> dict[str, Any]:
+    try:
+        data, more = jobs().checkpoints(job_id, tenant_of(request), limit)
+    except JobNotFound as err:
+        raise not_found(err, "fine_tuning_job_id") from None
+    return {"object": "list", "data": data, "has_more": more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+@database_errors
+def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+    try:
+        return jobs().cancel(job_id, tenant_of(request))
+    except JobNotFound as err:
+        raise not_found(err, "fine_tuning_job_id") from None
+    except JobConflict as err:
+        raise APIError(409, str(err), "fine_tuning_job_id", "job_not_cancellable") from None

@@ -1,0 +1,148 @@
+"""The fine-tuning driver: JSONL → Ray Data tokenization → ``TorchTrainer`` → a model folder.
+
+Called by the fine-tuning job runner (a Ray job) and by ``maas train
+finetune.yaml``; it trains and returns a publishable folder, and leaves
+naming, publishing and bookkeeping to the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from maas_ray import storage
+from maas_ray.config.finetune import FineTuneSpec
+from maas_ray.registry import ModelVersion
+from maas_ray.runtime import quiet_ray_data
+from maas_ray.train.progress import StopTraining
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+# Files of a base model folder that a classifier fine-tuned from it keeps
+# (sentence-transformers' max_seq_length, read by serving).
+_KEEP_FROM_BASE = ("sentence_bert_config.json",)
+
+
+FineTuneCancelled = StopTraining  # ``should_stop`` said stop: nothing to publish
+
+
+@dataclass
+class FineTuneResult:
+    folder: Path
+    """A local folder holding the model (or adapter) and tokenizer, ready to publish."""
+    metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    steps: list[dict[str, Any]]
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    trained_tokens: int = 0
+
+
+def objective_for(base: ModelVersion) -> str:
+    return "lm" if base.task == "chat" else "classification"
+
+
+def read_lines(uri: str) -> Any:
+    """A Ray Dataset of a JSONL file's lines (``text`` column), any storage."""
+    import ray.data
+
+    fs, path = storage.filesystem(uri)
+    return ray.data.read_text(path, filesystem=fs)
+
+
+def run_finetune(
+    spec: FineTuneSpec,
+    base: ModelVersion,
+    base_dir: Path,
+    train_uri: str,
+    valid_uri: str | None,
+    run_name: str,
+    out_dir: Path,
+    storage_root: str | None = None,
+    labels: list[str] | None = None,
+    seed: int = 0,
+    on_progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> FineTuneResult:
+    """Train on the connected Ray cluster; the model lands in ``out_dir``."""
+    import ray
+    import ray.train
+
+    from maas_ray.train.finetune_loop import SCAFFOLD, finetune_loop_per_worker
+    from maas_ray.train.progress import fit_with_progress, start_progress_log
+    from maas_ray.train.text_data import TokenizeClassification, TokenizeLM
+    from maas_ray.train.trainer import torch_trainer
+
+    quiet_ray_data()
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    root = storage.storage_root(storage_root)
+    objective = objective_for(base)
+    if objective == "classification" and not labels:
+        raise ValueError("a classifier needs the training file's labels")
+
+    def tokenized(uri: str) -> Any:
+        if objective == "lm":
+            udf, kwargs = TokenizeLM, {"model_dir": str(base_dir)}
+        else:
+            udf, kwargs = TokenizeClassification, {"model_dir": str(base_dir), "labels": labels,
+                                                   "max_len": spec.max_seq_length}
+        return read_lines(uri).map_batches(udf, fn_constructor_kwargs=kwargs, batch_size=256,
+                                           concurrency=1, num_cpus=0.25).materialize()
+
+    datasets = {"train": tokenized(train_uri)}
+    if valid_uri:
+        datasets["validation"] = tokenized(valid_uri)
+    train_rows = datasets["train"].count()
+    progress = start_progress_log(run_name, base.name)  # also exports the job's metrics
+    config = {
+        "objective": objective,
+        "base_dir": str(base_dir),
+        "method": spec.method,
+        "lora": {**spec.lora.model_dump(), "target_modules": spec.lora.target_modules},
+        "labels": labels or [],
+        "learning_rate": spec.learning_rate(base.task),
+        "n_epochs": spec.hyperparameters.n_epochs,
+        "batch_size": spec.hyperparameters.batch_size,
+        "gradient_accumulation_steps": spec.gradient_accumulation_steps,
+        "checkpoint_every_epochs": spec.checkpoint_every_epochs,
+        "seed": seed,
+        "use_gpu": spec.scaling.use_gpu,
+        "has_validation": valid_uri is not None,
+        "train_rows": train_rows,
+        "progress": progress,
+    }
+    trainer = torch_trainer(
+        finetune_loop_per_worker, config, spec.scaling, run_name, root, datasets, max_failures=1,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
+        # Validation rows are split across workers too, and summed with all_reduce.
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"))
+    events: list[dict[str, Any]] = []
+
+    def on_event(event: dict[str, Any]) -> None:
+        events.append(event)
+        if on_progress:
+            on_progress(event)
+
+    result = fit_with_progress(trainer, progress, on_event, should_stop)
+    if result.checkpoint is None:
+        raise RuntimeError(f"fine-tuning run {run_name} finished without a checkpoint")
+    history = [e for e in events if e.get("epoch_end")]
+    steps = [e for e in events if not e.get("epoch_end")]
+    checkpoints = [{"uri": ckpt.path, **metrics} for ckpt, metrics in (result.best_checkpoints or [])]
+    with result.checkpoint.as_directory() as folder:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for item in Path(folder).iterdir():
+            if item.name not in SCAFFOLD and item.is_file():
+                shutil.copy2(item, out_dir / item.name)
+    for name in _KEEP_FROM_BASE:
+        if (base_dir / name).is_file():
+            shutil.copy2(base_dir / name, out_dir / name)
+    last = history[-1] if history else {}
+    metrics = {k: v for k, v in last.items()
+               if k in ("train_loss", "valid_loss", "valid_accuracy", "step")}
+    return FineTuneResult(out_dir, metrics, [{k: v for k, v in h.items() if k != "epoch_end"}
+                                            for h in history],
+                          steps, checkpoints, int(sum(h.get("trained_tokens", 0) for h in history)))
