@@ -7,9 +7,14 @@ Named jobs also export each event as Prometheus metrics (:mod:`.metrics`).
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import ray
+
+logger = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=0)
@@ -41,3 +46,48 @@ def start_progress_log(*args: Any) -> Any:
     here = ray.get_runtime_context().get_node_id()
     return ProgressLog.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(*args)
+
+
+def fit_with_progress(trainer: Any, progress: Any, on_event: Callable[[dict[str, Any]], None] | None = None,
+                      should_stop: Callable[[], bool] | None = None) -> Any:
+    """``trainer.fit()`` in a thread while this thread relays ``progress`` events.
+
+    ``should_stop`` is asked twice a second; when it says so, :class:`StopTraining`
+    is raised here (the fit thread is a daemon: it ends with the driver). The
+    progress actor is killed either way.
+    """
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # re-raised on the calling thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="maas-train-fit", daemon=True)
+    thread.start()
+    seen = 0
+    try:
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            try:
+                events = ray.get(progress.since.remote(seen)) if progress is not None else []
+            except ray.exceptions.RayActorError:  # progress is lost; training goes on
+                logger.warning("the progress actor died; training continues without live progress")
+                progress, events = None, []
+            for event in events:
+                seen += 1
+                if on_event:
+                    on_event(event)
+            if should_stop and should_stop():
+                raise StopTraining("training was stopped on request")
+    finally:
+        if progress is not None:
+            ray.kill(progress)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+class StopTraining(RuntimeError):
+    """``should_stop`` asked training to stop; nothing is published."""

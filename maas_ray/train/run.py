@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -106,11 +105,9 @@ def run_training(
     on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
     """Train ``spec`` on the connected Ray cluster and publish the result."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from maas_ray.train.loop import train_loop_per_worker
-    from maas_ray.train.progress import start_progress_log
+    from maas_ray.train.progress import fit_with_progress, start_progress_log
+    from maas_ray.train.trainer import torch_trainer
 
     quiet_ray_data()
     # Checkpoint reports wait for the controller's poll; 2 s (Ray's default) per
@@ -132,51 +129,16 @@ def run_training(
         # Cache shards in worker memory when the whole training split is small.
         "cache_shards": datasets["train"].size_bytes() <= CACHE_SHARDS_MAX_BYTES,
     }
-    scaling = spec.scaling
-    # Checkpoints go through the same filesystem as the registry, so s3:// roots
-    # honour AWS_ENDPOINT_URL and credentials exactly as the registry does.
-    runs_uri = storage.join(root, "runs")
-    runs_fs, runs_path = (None, runs_uri) if storage.is_local(root) else storage.filesystem(runs_uri)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.ray_num_workers(),
-            elastic_resize_monitor_interval_s=scaling.elastic_resize_interval_s,
-            use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=runs_path,
-            storage_filesystem=runs_fs,
-            failure_config=ray.train.FailureConfig(max_failures=spec.training.max_failures),
-        ),
-        datasets=datasets,
-    )
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as err:  # surfaced on the calling thread below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=fit, name="maas-train-fit", daemon=True)
-    thread.start()
+    trainer = torch_trainer(train_loop_per_worker, config, spec.scaling, run_name, root, datasets,
+                            spec.training.max_failures)
     seen: list[dict[str, Any]] = []
-    try:
-        while thread.is_alive():
-            thread.join(timeout=0.5)
-            for event in ray.get(progress.since.remote(len(seen))):
-                seen.append(event)
-                if on_epoch:
-                    on_epoch(event)
-    finally:
-        ray.kill(progress)
-    if "error" in outcome:
-        raise outcome["error"]
-    result = outcome["result"]
+
+    def on_event(event: dict[str, Any]) -> None:
+        seen.append(event)
+        if on_epoch:
+            on_epoch(event)
+
+    result = fit_with_progress(trainer, progress, on_event)
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} finished without a checkpoint")
 
