@@ -67,9 +67,10 @@ def merge(chunks: list[GenerationChunk]) -> GenerationChunk:
 class BatchingEngine(GenerationEngine):
     """Queue, scheduler thread, streaming, cancellation and stop rules; see the module doc.
 
-    Subclasses set ``tokenizer`` (has ``decode``), ``eos_ids`` and
-    ``context_length`` in ``_load`` and keep ``_running`` (admitted requests)
-    up to date in ``_admit`` / :meth:`_remove`.
+    Subclasses set ``tokenizer`` (a Hugging Face tokenizer: both engines count,
+    template and decode tokens alike), ``eos_ids`` and ``context_length`` in
+    ``_load`` and keep ``_running`` (admitted requests) up to date in
+    ``_admit`` / :meth:`_remove`.
     """
 
     tokenizer: Any
@@ -121,6 +122,15 @@ class BatchingEngine(GenerationEngine):
         """Free the model (scheduler thread, after the loop ends)."""
 
     # -- public API --------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[GenerationChunk]:
         """Stream the completion; chunks that pile up while the consumer is busy

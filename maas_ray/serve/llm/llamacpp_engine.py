@@ -156,16 +156,6 @@ class LlamaCppEngine(BatchingEngine):
         self._kv_used = 0  # cells of running sequences, as llama.cpp last reported them
         self._start("maas-llamacpp-scheduler")
 
-    # -- tokenizer (same as the transformers engine) ---------------------------
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
-
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
-
     # -- the backend's part ------------------------------------------------------
     def _load(self) -> None:
         lib = self._lib
