@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from maas_ray.cli import chat, models, predict, train, up
+from maas_ray.cli import chat, keys, models, predict, train, up, usage
 
 app = typer.Typer(
     name="maas",
@@ -20,7 +20,9 @@ app.command("train")(train.train)
 app.command("predict")(predict.predict)
 app.command("chat")(chat.chat)
 app.command("embed")(chat.embed)
+app.command("usage")(usage.usage)
 app.add_typer(models.app, name="models")
+app.add_typer(keys.app, name="keys")
 
 
 def main() -> None:

@@ -24,6 +24,8 @@ def up(
     num_cpus: Annotated[int | None, typer.Option(help="CPUs for an embedded Ray [default: all].")] = None,
     import_base: Annotated[bool, typer.Option(
         help="Import the offline base models (SmolLM2, MiniLM) if the registry lacks them.")] = True,
+    auth: Annotated[str, typer.Option(
+        help="API keys on /v1 and /v2: auto (on unless --host is loopback), on, off.")] = "auto",
 ) -> None:
     """Start Ray (embedded unless --address), the maas app, and serve until Ctrl-C.
 
@@ -34,8 +36,12 @@ def up(
     from maas_ray import storage as st
     from maas_ray.runtime import joins, quiet_ray_data, ray_session
     from maas_ray.serve.app import build_app
+    from maas_ray.serve.settings import AppArgs
 
+    if auth not in ("auto", "on", "off"):
+        raise typer.BadParameter(f"{auth!r}: expected auto, on or off", param_hint="--auth")
     root = st.storage_root(storage)
+    app_args = AppArgs(storage=root, auth=auth, http_host=host)  # type: ignore[arg-type]
     os.environ["MAAS_HOME"] = root  # training jobs started from here use the same root
     if not joins(address) and not _port_free(host, metrics_port):
         raise typer.BadParameter(f"port {metrics_port} is in use; choose another", param_hint="--metrics-port")
@@ -60,7 +66,7 @@ def up(
         serve.start(http_options={"host": host, "port": port})
         try:
             with console.status("deploying the maas application...", spinner="dots"):
-                serve.run(build_app({"storage": root}), name="maas", route_prefix="/")
+                serve.run(build_app(app_args), name="maas", route_prefix="/")
             base = f"http://{host}:{port}"
             metrics_url = f"http://{host}:{_metrics_port(metrics_port)}/metrics"
             console.print(Panel.fit(
@@ -75,6 +81,7 @@ def up(
                 "  maas train examples/regression/spec.yaml   # in another shell\n"
                 f"  curl -s {base}/v1/models/diabetes-linear/predict -H 'content-type: application/json' \\\n"
                 "       -d '{\"inputs\": [[59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.86, 87]]}'\n\n"
+                f"{_auth_hint(app_args, host)}\n\n"
                 "Ctrl-C stops everything.", title="maas_ray"))
             while not stop.wait(1.0):
                 pass
@@ -83,6 +90,15 @@ def up(
         finally:
             console.print("stopping...")
             serve.shutdown()
+
+
+def _auth_hint(app_args: object, host: str) -> str:
+    """Whether keys are required, and how to turn them on when they are not."""
+    if app_args.auth_enabled():  # type: ignore[attr-defined]
+        return ("  API keys   required: maas keys create --tenant NAME, then send "
+                "'Authorization: Bearer <key>'")
+    return (f"  API keys   off (listening on {host} only). Turn them on with --auth on "
+            "(or any non-loopback --host) after `maas keys create --tenant NAME`")
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -8,10 +8,11 @@ replica fills this in at start-up and route functions read it through
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from maas_ray.registry import ModelRef, ModelVersion, Registry
+from maas_ray.registry import ModelNotFound, ModelRef, ModelVersion, Registry
 from maas_ray.serve.settings import AppArgs
 
 
@@ -26,6 +27,14 @@ class ServiceContext:
     _latest: dict[str, tuple[int, int, ModelVersion]] = field(default_factory=dict)
 
     def resolve(self, model_id: str) -> ModelVersion:
+        """:meth:`resolve_any`, but another tenant's model (its card names a different
+        ``tenant``) is "not found", so its existence does not leak."""
+        mv = self.resolve_any(model_id)
+        if not visible_to(mv.card, current_tenant()):
+            raise ModelNotFound(f"model {model_id!r} not found")
+        return mv
+
+    def resolve_any(self, model_id: str) -> ModelVersion:
         """``name`` → its latest version; ``name:version`` → that version.
 
         The latest version is re-read whenever the model's folder changes (a
@@ -66,3 +75,23 @@ def get_context() -> ServiceContext:
     if _CONTEXT is None:
         raise RuntimeError("the maas ingress has not been initialised in this process")
     return _CONTEXT
+
+
+DEFAULT_TENANT = "default"
+# The tenant of the request being handled, set by the auth middleware; model
+# resolution reads it where no request object is at hand.
+_TENANT: ContextVar[str | None] = ContextVar("maas_tenant", default=None)
+
+
+def set_current_tenant(tenant: str) -> None:
+    _TENANT.set(tenant)
+
+
+def current_tenant() -> str:
+    return _TENANT.get() or DEFAULT_TENANT
+
+
+def visible_to(card: dict[str, Any], tenant: str) -> bool:
+    """Base models (no ``tenant`` in the card) are shared; fine-tuned ones belong to one tenant."""
+    owner = card.get("tenant")
+    return owner is None or owner == tenant

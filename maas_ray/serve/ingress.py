@@ -10,7 +10,9 @@ from ray import serve
 
 from maas_ray import __version__
 from maas_ray.registry import Registry
-from maas_ray.serve.context import get_context, set_context
+from maas_ray.auth.keys import KeyStore
+from maas_ray.auth.middleware import ApiKeyAuth
+from maas_ray.serve.context import get_context, set_context, set_current_tenant
 from maas_ray.serve.errors import install_error_handlers
 from maas_ray.serve.limits import BodySizeLimit
 from maas_ray.serve.metrics import MeteredContext, RequestMetrics
@@ -21,6 +23,40 @@ from maas_ray.serve.settings import AppArgs
 logger = logging.getLogger(__name__)
 
 
+_AUTH: dict[str, Any] = {"enabled": False, "store": None}
+
+
+# Named module functions, not lambdas: Serve pickles the FastAPI app, and a lambda
+# would carry its own copy of _AUTH into the replica.
+def auth_enabled() -> bool:
+    return bool(_AUTH["enabled"])
+
+
+def key_store() -> KeyStore:
+    return _AUTH["store"]
+
+
+def configure_auth(settings: AppArgs) -> bool:
+    """Set this replica's key store and whether keys are required (a module function: the
+    ingress class is pickled by value, so it must not write module globals itself)."""
+    _AUTH["store"] = KeyStore(settings.storage_root())
+    _AUTH["enabled"] = settings.auth_enabled(None if settings.auth != "auto" or settings.http_host
+                                             else _serve_http_host())
+    return bool(_AUTH["enabled"])
+
+
+def _serve_http_host() -> str | None:
+    """The interface the running Serve instance's HTTP proxies listen on, if it can be asked."""
+    try:
+        import ray
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return ray.get(controller.get_http_config.remote(), timeout=10).host
+    except Exception:  # unknown: auth='auto' then stays on
+        return None
+
+
 def make_fastapi_app() -> FastAPI:
     app = FastAPI(
         title="maas_ray",
@@ -29,6 +65,8 @@ def make_fastapi_app() -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_bytes=lambda: get_context().settings.max_body_bytes)
+    # Outside the body limit: an unauthenticated client cannot make us read its body.
+    app.add_middleware(ApiKeyAuth, enabled=auth_enabled, store=key_store, set_tenant=set_current_tenant)
     # Outermost, so it also counts what inner middleware refuses (413).
     app.add_middleware(RequestMetrics, paths=lambda: list(app.openapi()["paths"]))
     for module in (health, tabular, cards, openai_router, oip, console):
@@ -47,4 +85,6 @@ class Ingress:
     def __init__(self, settings: AppArgs, **handles: Any) -> None:
         set_context(MeteredContext(settings=settings, registry=Registry(settings.storage_root()),
                                    handles=handles))
-        logger.info("maas ingress ready (storage %s)", settings.storage_root())
+        required = configure_auth(settings)
+        logger.info("maas ingress ready (storage %s, API keys %s)", settings.storage_root(),
+                    "required" if required else "off")

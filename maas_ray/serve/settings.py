@@ -8,7 +8,7 @@ Serve itself reads them, or in ``deployments`` here for callers of
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -79,6 +79,14 @@ class AppArgs(BaseModel):
         default=False,
         description="Log every request in the replicas (costs CPU per request; off by default).",
     )
+    auth: Literal["auto", "on", "off"] = Field(
+        default="auto", description="API keys on /v1 and /v2: 'auto' turns them on unless the HTTP "
+        "server listens on loopback only (see http_host)."
+    )
+    http_host: str | None = Field(
+        default=None, description="The interface Serve's HTTP proxy listens on, for auth='auto' "
+        "(`maas up` passes its --host); unset: asked from the running Serve instance."
+    )
     predictor: PredictorArgs = Field(default_factory=PredictorArgs, description="Tabular predictor.")
     llm: LLMArgs = Field(default_factory=LLMArgs, description="Chat/completion models.")
     embeddings: EmbeddingArgs = Field(default_factory=EmbeddingArgs, description="Embedding models.")
@@ -126,3 +134,14 @@ class AppArgs(BaseModel):
     def deployment_options(self, name: str) -> dict[str, Any]:
         """Options for ``Deployment.options()`` from :attr:`deployments`."""
         return dict(self.deployments.get(name, {}))
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

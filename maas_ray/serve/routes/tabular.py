@@ -55,7 +55,10 @@ async def list_models() -> ModelList:
     data = []
     for name in ctx.registry.names():
         versions = ctx.registry.versions(name)
-        mv = ctx.resolve(f"{name}:{versions[-1]}")
+        try:
+            mv = ctx.resolve(f"{name}:{versions[-1]}")
+        except ModelNotFound:  # another tenant's model, or removed meanwhile
+            continue
         data.append(ModelCard(id=name, created=int(mv.card.get("created_at", time.time())),
                               owned_by=str(mv.card.get("owned_by", "maas")), task=mv.task,
                               version=mv.version, versions=versions))

@@ -1,0 +1,246 @@
+"""API keys as salted hashes, per-key fixed-window rate limits, daily token budgets, usage.
+
+A key reads ``maas-{id}-{secret}``: the id (not secret) finds the row through
+the primary key, then the secret is checked against a per-key salted PBKDF2
+hash. A verified key is remembered in the process by a SHA-256 of it (never
+the key itself), so the slow hash runs once per key per replica; revocation
+still takes effect on the next request because the row is read every time.
+
+Counters are rows updated atomically in the database (an upsert that adds one),
+so a limit holds across all ingress replicas and processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import BigInteger, Boolean, Integer, String, select
+from sqlalchemy.orm import Mapped, mapped_column
+
+from maas_ray import db
+
+PREFIX = "maas"
+_ITERATIONS = 120_000
+_KEY_RE = re.compile(r"^maas-([0-9a-f]{16})-([A-Za-z0-9_\-]{20,128})$")
+_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
+          "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+DEFAULT_RATE = "60/min"
+
+
+class ApiKeyRow(db.Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # the non-secret key id
+    tenant: Mapped[str] = mapped_column(String(128), index=True)
+    salt: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(128))
+    display: Mapped[str] = mapped_column(String(64))  # "maas-{id}-abcd…" for lists
+    rate_limit: Mapped[int] = mapped_column(Integer)  # requests per window
+    rate_window_s: Mapped[int] = mapped_column(Integer)
+    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=db.now)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class RateWindowRow(db.Base):
+    __tablename__ = "api_key_rate_windows"
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class UsageRow(db.Base):
+    __tablename__ = "api_key_usage"
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)  # YYYY-MM-DD (UTC)
+    tenant: Mapped[str] = mapped_column(String(128), index=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    requests: int
+    window_s: int
+
+    def __str__(self) -> str:
+        unit = {1: "s", 60: "min", 3600: "hour", 86400: "day"}.get(self.window_s, f"{self.window_s}s")
+        return f"{self.requests}/{unit}"
+
+
+def parse_rate(text: str) -> RateLimit:
+    """``60/min``, ``10/s``, ``1000/hour``, ``5000/day``."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*([a-z]+)\s*", text or "")
+    if not m or m.group(2) not in _UNITS or int(m.group(1)) < 1:
+        raise ValueError(f"rate {text!r}: expected N/unit with N >= 1 and unit one of s, min, hour, day "
+                         "(e.g. 60/min)")
+    return RateLimit(int(m.group(1)), _UNITS[m.group(2)])
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    tenant: str
+    display: str
+    rate: RateLimit
+    tokens_per_day: int | None
+    admin: bool
+    created_at: int
+    revoked_at: int | None
+
+    @classmethod
+    def of(cls, row: ApiKeyRow) -> ApiKey:
+        return cls(row.id, row.tenant, row.display, RateLimit(row.rate_limit, row.rate_window_s),
+                   row.tokens_per_day, bool(row.admin), row.created_at, row.revoked_at)
+
+
+class AuthError(Exception):
+    """Missing, malformed, unknown or revoked key (401)."""
+
+
+class Denied(Exception):
+    """Over a rate limit or token budget (429); ``retry_after`` in whole seconds."""
+
+    def __init__(self, message: str, retry_after: int, code: str) -> None:
+        super().__init__(message)
+        self.retry_after, self.code = max(1, retry_after), code
+
+
+def split_key(key: str) -> tuple[str, str]:
+    m = _KEY_RE.match(key or "")
+    if not m:
+        raise AuthError("malformed API key")
+    return m.group(1), m.group(2)
+
+
+def _hash(secret: str, salt: bytes) -> str:
+    return hashlib.pbkdf2_hmac("sha256", secret.encode(), salt, _ITERATIONS).hex()
+
+
+def _today(now: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(now))
+
+
+def _upsert_add(s: Any, table: Any, keys: dict[str, Any], adds: dict[str, int],
+                extra: dict[str, Any] | None = None) -> None:
+    """INSERT the row or add to its counters, atomically, on SQLite and Postgres alike."""
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = insert(table).values(**keys, **adds, **(extra or {}))
+    stmt = stmt.on_conflict_do_update(
+        index_elements=list(keys), set_={k: getattr(table.c, k) + stmt.excluded[k] for k in adds})
+    s.execute(stmt)
+
+
+class KeyStore:
+    """Keys and their counters in one storage root's database."""
+
+    def __init__(self, storage_root: str | None = None) -> None:
+        self.root = storage_root
+        self._verified: dict[str, bytes] = {}  # key id → sha256(key) once the slow hash matched
+
+    def create(self, tenant: str, rate: str | RateLimit = DEFAULT_RATE, tokens_per_day: int | None = None,
+               admin: bool = False) -> tuple[ApiKey, str]:
+        """A new key for ``tenant``: its record and the key itself (shown once, never stored)."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", tenant or ""):
+            raise ValueError(f"tenant {tenant!r}: use letters, digits, '.', '_' or '-' (1-128 characters)")
+        limit = rate if isinstance(rate, RateLimit) else parse_rate(rate)
+        if tokens_per_day is not None and tokens_per_day < 1:
+            raise ValueError("tokens per day must be >= 1")
+        key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+        salt = secrets.token_bytes(16)
+        row = ApiKeyRow(id=key_id, tenant=tenant, salt=salt.hex(), hash=_hash(secret, salt),
+                        display=f"{PREFIX}-{key_id}-{secret[:4]}…", rate_limit=limit.requests,
+                        rate_window_s=limit.window_s, tokens_per_day=tokens_per_day, admin=admin,
+                        created_at=db.now())
+        with db.session(self.root) as s:
+            s.add(row)
+        return ApiKey.of(row), f"{PREFIX}-{key_id}-{secret}"
+
+    def list(self, tenant: str | None = None, include_revoked: bool = True) -> list[ApiKey]:
+        with db.session(self.root) as s:
+            q = select(ApiKeyRow).order_by(ApiKeyRow.created_at, ApiKeyRow.id)
+            if tenant is not None:
+                q = q.where(ApiKeyRow.tenant == tenant)
+            rows = [ApiKey.of(r) for r in s.scalars(q)]
+        return [k for k in rows if include_revoked or k.revoked_at is None]
+
+    def revoke(self, key_id: str) -> ApiKey:
+        with db.session(self.root) as s:
+            row = s.get(ApiKeyRow, key_id)
+            if row is None:
+                raise KeyError(f"no API key with id {key_id!r}")
+            if row.revoked_at is None:
+                row.revoked_at = db.now()
+            return ApiKey.of(row)
+
+    def authenticate(self, key: str) -> ApiKey:
+        """The live key record for ``key``, else :class:`AuthError` (same message for all causes)."""
+        key_id, secret = split_key(key)
+        with db.session(self.root) as s:
+            row = s.get(ApiKeyRow, key_id)
+            if row is None or row.revoked_at is not None:
+                raise AuthError("invalid or revoked API key")
+            fingerprint = hashlib.sha256(key.encode()).digest()
+            known = self._verified.get(key_id)
+            if known is None or not hmac.compare_digest(known, fingerprint):
+                if not hmac.compare_digest(_hash(secret, bytes.fromhex(row.salt)), row.hash):
+                    raise AuthError("invalid or revoked API key")
+                self._verified[key_id] = fingerprint
+            return ApiKey.of(row)
+
+    def admit(self, key: ApiKey, now: float | None = None) -> None:
+        """Count one request against the key's rate window; :class:`Denied` when over it or
+        over today's token budget."""
+        now = time.time() if now is None else now
+        window = key.rate.window_s
+        start = int(now // window * window)
+        with db.session(self.root) as s:
+            if key.tokens_per_day is not None:
+                used = s.get(UsageRow, (key.id, _today(now)))
+                spent = (used.prompt_tokens + used.completion_tokens) if used else 0
+                if spent >= key.tokens_per_day:
+                    midnight = (math.floor(now / 86400) + 1) * 86400
+                    raise Denied(f"daily token budget of {key.tokens_per_day} tokens used up "
+                                 f"({spent} today)", math.ceil(midnight - now), "tokens_per_day_exceeded")
+            _upsert_add(s, RateWindowRow.__table__, {"key_id": key.id, "window_start": start}, {"count": 1})
+            count = s.scalar(select(RateWindowRow.count).where(
+                RateWindowRow.key_id == key.id, RateWindowRow.window_start == start))
+            # Old windows are no longer needed; drop them now and then.
+            if count == 1:
+                s.query(RateWindowRow).filter(RateWindowRow.key_id == key.id,
+                                              RateWindowRow.window_start < start).delete()
+        if count is not None and count > key.rate.requests:
+            raise Denied(f"rate limit of {key.rate} exceeded", math.ceil(start + window - now),
+                         "rate_limit_exceeded")
+
+    def record(self, key: ApiKey, prompt_tokens: int = 0, completion_tokens: int = 0,
+               now: float | None = None) -> None:
+        """Meter one request (and the tokens it used) for today."""
+        now = time.time() if now is None else now
+        with db.session(self.root) as s:
+            _upsert_add(s, UsageRow.__table__, {"key_id": key.id, "day": _today(now)},
+                        {"requests": 1, "prompt_tokens": int(prompt_tokens),
+                         "completion_tokens": int(completion_tokens)}, extra={"tenant": key.tenant})
+
+    def usage(self, tenant: str | None = None, day: str | None = None) -> list[dict[str, Any]]:
+        with db.session(self.root) as s:
+            q = select(UsageRow).order_by(UsageRow.day, UsageRow.tenant, UsageRow.key_id)
+            if tenant is not None:
+                q = q.where(UsageRow.tenant == tenant)
+            if day is not None:
+                q = q.where(UsageRow.day == day)
+            return [{"day": r.day, "tenant": r.tenant, "key_id": r.key_id, "requests": r.requests,
+                     "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}
+                    for r in s.scalars(q)]
