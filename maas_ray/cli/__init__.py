@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from maas_ray.cli import chat, keys, models, predict, train, up, usage
+from maas_ray.cli import chat, jobs, keys, models, predict, train, up, usage
 
 app = typer.Typer(
     name="maas",
@@ -23,6 +23,7 @@ app.command("embed")(chat.embed)
 app.command("usage")(usage.usage)
 app.add_typer(models.app, name="models")
 app.add_typer(keys.app, name="keys")
+app.add_typer(jobs.app, name="jobs")
 
 
 def main() -> None:

@@ -95,3 +95,9 @@ def visible_to(card: dict[str, Any], tenant: str) -> bool:
     """Base models (no ``tenant`` in the card) are shared; fine-tuned ones belong to one tenant."""
     owner = card.get("tenant")
     return owner is None or owner == tenant
+
+
+def tenant_of(request: Any) -> str:
+    """The tenant a request acts for: set by authentication when it is on, else the
+    single default tenant of an open (loopback) service."""
+    return getattr(request.state, "tenant", None) or DEFAULT_TENANT

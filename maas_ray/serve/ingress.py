@@ -17,10 +17,18 @@ from maas_ray.serve.errors import install_error_handlers
 from maas_ray.serve.limits import BodySizeLimit
 from maas_ray.serve.metrics import MeteredContext, RequestMetrics
 from maas_ray.serve.openai import router as openai_router
-from maas_ray.serve.routes import cards, console, health, oip, tabular
+from maas_ray.serve.routes import cards, console, files, fine_tuning, health, oip, tabular
 from maas_ray.serve.settings import AppArgs
 
 logger = logging.getLogger(__name__)
+
+
+def body_limit(scope: dict[str, Any]) -> int:
+    """Uploads (``POST /v1/files``) may be larger than API calls."""
+    settings = get_context().settings
+    if scope.get("path") == "/v1/files":
+        return settings.max_upload_bytes
+    return settings.max_body_bytes
 
 
 _AUTH: dict[str, Any] = {"enabled": False, "store": None}
@@ -64,12 +72,12 @@ def make_fastapi_app() -> FastAPI:
         description="Model-as-a-Service on Ray: OpenAI-compatible and Open Inference Protocol APIs.",
     )
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_body_bytes=lambda: get_context().settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_body_bytes=body_limit)
     # Outside the body limit: an unauthenticated client cannot make us read its body.
     app.add_middleware(ApiKeyAuth, enabled=auth_enabled, store=key_store, set_tenant=set_current_tenant)
     # Outermost, so it also counts what inner middleware refuses (413).
     app.add_middleware(RequestMetrics, paths=lambda: list(app.openapi()["paths"]))
-    for module in (health, tabular, cards, openai_router, oip, console):
+    for module in (health, tabular, cards, openai_router, files, fine_tuning, oip, console):
         app.include_router(module.router)
     return app
 

@@ -16,13 +16,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 runner = CliRunner()
 
 
-def test_train_the_classifier_example_then_inspect_and_serve_it(serve_url: str, llm_home: str) -> None:
+def test_train_the_classifier_example_then_inspect_and_serve_it(serve_url: str, llm_home: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """examples/finetune/classifier.yaml as shipped; the result must reach 90% accuracy on the
     held-out topics_test.jsonl through the running service."""
     import json
 
     import httpx
 
+    monkeypatch.setenv("COLUMNS", "200")  # rich tables at full width: ids are never cut
     spec = REPO / "examples" / "finetune" / "classifier.yaml"
     result = runner.invoke(app, ["train", str(spec), "--storage", llm_home])
     assert result.exit_code == 0, result.output
@@ -42,11 +44,11 @@ def test_train_the_classifier_example_then_inspect_and_serve_it(serve_url: str, 
     assert accuracy >= 0.9, accuracy
     assert len(body["probabilities"][0]) == 4
 
-    listed = runner.invoke(app, ["jobs", "ls", "--storage", llm_home], terminal_width=250)
+    listed = runner.invoke(app, ["jobs", "ls", "--storage", llm_home])
     assert job_id in listed.output and "succeeded" in listed.output
-    shown = runner.invoke(app, ["jobs", "show", job_id, "--storage", llm_home], terminal_width=250)
+    shown = runner.invoke(app, ["jobs", "show", job_id, "--storage", llm_home])
     assert shown.exit_code == 0 and model.group(1) in shown.output
-    logs = runner.invoke(app, ["jobs", "logs", job_id, "--storage", llm_home], terminal_width=250)
+    logs = runner.invoke(app, ["jobs", "logs", job_id, "--storage", llm_home])
     lines = logs.output.splitlines()
     assert "Created fine-tuning job" in lines[0] and "validation accuracy" in logs.output
     assert lines[-1] == "status: succeeded"

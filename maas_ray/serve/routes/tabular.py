@@ -79,9 +79,6 @@ async def get_model(model_id: str) -> ModelCard:
 async def predict(model_id: str, body: PredictRequest) -> PredictResponse:
     ctx = get_context()
     mv = ctx.resolve(model_id)
-    if len({len(row) for row in body.inputs}) != 1:
-        raise APIError(400, "inputs: every row must have the same number of values",
-                       "inputs", "invalid_shape")
     if mv.task == "text-classification":
         out = await classify_texts(ctx, mv, body.inputs)
         return PredictResponse(model=mv.id, predictions=list(out["predictions"]),
@@ -89,6 +86,9 @@ async def predict(model_id: str, body: PredictRequest) -> PredictResponse:
     if any(isinstance(row, str) for row in body.inputs):
         raise APIError(400, f"inputs: model {mv.id!r} is a {mv.task!r} model: send rows of "
                        "numbers, not texts", "inputs", "invalid_value")
+    if len({len(row) for row in body.inputs}) != 1:
+        raise APIError(400, "inputs: every row must have the same number of values",
+                       "inputs", "invalid_shape")
     rows = np.asarray(body.inputs, dtype=np.float64)  # (B, F)
     check_rows(mv, rows, ctx.settings.max_rows_per_request, "inputs")
     out = await predict_rows(ctx, mv, rows)
