@@ -34,7 +34,9 @@ class APIError(Exception):
 
 
 def error_response(request: Request, err: APIError) -> JSONResponse:
-    if request.url.path.startswith("/v2"):
+    # Under a route prefix (a RayService route_prefix, a second app) the path carries it.
+    path = request.url.path.removeprefix(request.scope.get("root_path", "") or "")
+    if path.startswith("/v2"):
         body: dict = {"error": err.message}
     else:
         body = {"error": {"message": err.message, "type": _TYPES.get(err.status, "api_error"),

@@ -48,7 +48,7 @@ class BodySizeLimit:
 
     async def _reject(self, scope: Scope, send: Any, limit: int) -> None:
         message = f"request body exceeds the limit of {limit} bytes"
-        if scope.get("path", "").startswith("/v2"):
+        if scope.get("path", "").removeprefix(scope.get("root_path", "") or "").startswith("/v2"):
             body: dict[str, Any] = {"error": message}
         else:
             body = {"error": {"message": message, "type": "request_too_large",
