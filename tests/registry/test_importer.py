@@ -25,16 +25,16 @@ def test_base_models_import_as_safetensors_with_a_card(llm_home: str) -> None:
         folder = reg.local_dir(mv)  # verifies every file's sha256 against the card
         assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
         assert not list(folder.glob("*.bin"))
+        card = mv.card
+        assert card["format"] == "hf-transformers" and card["base_model"] == mv.name
+        assert card["dtype"] == "float32" and card["num_parameters"] > 1_000_000
+        assert Path(card["source"]).exists()
     # The chat model's GGUF is also kept, as it is, for the llama.cpp engine.
     assert chat.card["formats"] == ["hf-transformers", "gguf"] and emb.card["formats"] == ["hf-transformers"]
     assert chat.card["gguf"] == {"file": "model.gguf", "source_file": BASE_MODELS[CHAT].gguf_file,
                                  "file_type": "MOSTLY_Q4_1"}
     assert (reg.local_dir(chat) / "model.gguf").read_bytes() == Path(chat.card["source"]).read_bytes()
     assert not list(reg.local_dir(emb).glob("*.gguf"))
-        card = mv.card
-        assert card["format"] == "hf-transformers" and card["base_model"] == mv.name
-        assert card["dtype"] == "float32" and card["num_parameters"] > 1_000_000
-        assert Path(card["source"]).exists()
     assert chat.card["architecture"] == "LlamaForCausalLM" and chat.card["context_length"] == 8192
     assert chat.card["source"].endswith(BASE_MODELS[CHAT].gguf_file)
     assert 130e6 < chat.card["num_parameters"] < 140e6
