@@ -77,7 +77,8 @@ def show(
         table.add_row("data", json.dumps(mv.card["data"]))
     for key, value in mv.card.get("metrics", {}).items():
         table.add_row(f"metric {key}", f"{value:.6g}" if isinstance(value, float) else str(value))
-    curve = mv.card.get("loss_curve") or []
+    # Fine-tuning curves mix per-step train points with per-epoch validation points.
+    curve = [e for e in mv.card.get("loss_curve") or [] if isinstance(e.get("train_loss"), (int, float))]
     if curve:
         points = ", ".join(f"{e['train_loss']:.3g}" for e in curve[:: max(1, len(curve) // 10)])
         table.add_row("train loss curve", points)
@@ -90,7 +91,6 @@ def show(
     if not mv.card.get("loss_plot"):
         console.print("plot: none (no training curve)" if not curve else
                       "plot: none stored; GET /v1/models/{id}/card/plot.png draws it", highlight=False)
-
 
 
 @app.command()
@@ -152,6 +152,7 @@ def import_(
                 raise typer.BadParameter(str(err)) from None
     for mv in versions:
         console.print(f"{mv.id}  ({mv.task})")
+
 
 @app.command("export-gguf")
 @user_errors
