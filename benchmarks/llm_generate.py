@@ -398,12 +398,13 @@ def main() -> None:
         from maas_ray.serve.llm import LlamaCppEngine
 
         print("(e) llama-cpp-python alone ...", flush=True)
-        results["e_llamacpp_sequential"] = best(lambda: llamacpp_sequential(
-            gguf, prompts, args.new_tokens, args.sequential, threads))
+        # Each on a thread that then exits, like the transformers rows: llama.cpp's
+        # OpenMP team goes with it and the engine's scheduler thread has the cores.
+        results["e_llamacpp_sequential"] = best(lambda: in_own_thread(
+            llamacpp_sequential, gguf, prompts, args.new_tokens, args.sequential, threads))
         print(f"(f) llama.cpp batched decode at {args.levels} ...", flush=True)
-        results["f_llamacpp_batched"] = [best(lambda lvl=lvl: llamacpp_batched(gguf, prompts[:lvl], args.new_tokens,
-                                                                                threads))
-                                         for lvl in args.levels]
+        results["f_llamacpp_batched"] = [best(lambda lvl=lvl: in_own_thread(
+            llamacpp_batched, gguf, prompts[:lvl], args.new_tokens, threads)) for lvl in args.levels]
         print(f"(g) llama.cpp engine at {args.levels} streams ...", flush=True)
         results["engine"]["llama.cpp"] = engine_levels(
             lambda: LlamaCppEngine(gguf, tokenizer_dir=model_dir, max_batch_size=max(args.levels),
