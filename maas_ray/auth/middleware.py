@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -22,6 +23,16 @@ Scope = dict[str, Any]
 GUARDED = ("/v1", "/v2")
 # Routes whose JSON answers carry OpenAI ``usage`` to meter.
 METERED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# Token counts a route reports itself (a stream without ``include_usage`` carries none in
+# its body; a stream the client dropped counts what was generated until then).
+_REPORTED: ContextVar[dict[str, int] | None] = ContextVar("maas_reported_usage", default=None)
+
+
+def report_usage(prompt_tokens: int, completion_tokens: int) -> None:
+    """Meter these counts for the request being served (a no-op when nothing meters it)."""
+    holder = _REPORTED.get()
+    if holder is not None:
+        holder["prompt"], holder["completion"] = int(prompt_tokens), int(completion_tokens)
 
 
 def route_path(scope: Scope) -> str:
@@ -101,11 +112,13 @@ class ApiKeyAuth:
             await send_error(scope, send, 429, str(err), err.code, {"Retry-After": str(err.retry_after)})
             return
         scope.setdefault("state", {})["tenant"] = api_key.tenant
-        scope["state"]["api_key_id"] = api_key.id
+        scope["state"]["api_key"] = api_key
         self._set_tenant(api_key.tenant)
         metered = route_path(scope) in METERED and scope.get("method") == "POST"
         captured: list[bytes] = []
         ok = True
+        reported: dict[str, int] = {}
+        _REPORTED.set(reported)
 
         async def capture(message: dict[str, Any]) -> None:
             nonlocal ok
@@ -118,7 +131,10 @@ class ApiKeyAuth:
         try:
             await self.app(scope, receive, capture)
         finally:
-            prompt, completion = _usage_of(b"".join(captured)) if captured else (0, 0)
+            if reported:
+                prompt, completion = reported["prompt"], reported["completion"]
+            else:
+                prompt, completion = _usage_of(b"".join(captured)) if captured else (0, 0)
             try:
                 await run_in_threadpool(store.record, api_key, prompt, completion)
             except Exception:  # metering must not turn a served answer into an error

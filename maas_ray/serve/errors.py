@@ -3,24 +3,66 @@
 Inner code raises ordinary exceptions (``ModelNotFound``, ``ValueError``...).
 Here they turn into OpenAI's ``{"error": {"message", "type", "param", "code"}}``
 on ``/v1`` routes and the Open Inference Protocol's ``{"error": "..."}`` on
-``/v2`` routes, always with a 4xx status for bad input.
+``/v2`` routes, always with a 4xx status for bad input. The same bodies are
+declared in the OpenAPI schema (:func:`documented`), so clients and fuzzers can
+check every answer against it.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from maas_ray.registry import InvalidModelName, ModelNotFound
 
 logger = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 409: "conflict_error",
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error", 409: "conflict_error",
           413: "request_too_large", 429: "rate_limit_error", 503: "service_unavailable"}
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong, naming the field or resource and how to fix it.")
+    type: str = Field(description="invalid_request_error, not_found_error, rate_limit_error, ...")
+    param: str | None = Field(default=None, description="The request field at fault, if one is.")
+    code: str | None = Field(default=None, description="A machine-readable reason, e.g. model_not_found.")
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error body, on ``/v1`` routes."""
+
+    error: OpenAIErrorDetail
+
+
+class OIPError(BaseModel):
+    """The Open Inference Protocol's error body, on ``/v2`` routes."""
+
+    error: str
+
+
+_WHY = {400: "Invalid request: the message names the field and what was expected.",
+        401: "Missing, wrong or revoked API key.",
+        403: "The key may not use this route.",
+        404: "No such model, file or job (or it belongs to another tenant).",
+        409: "The resource is in a state that does not allow this.",
+        413: "The request body is over the size limit.",
+        429: "Over the key's rate limit or token budget; retry after Retry-After seconds.",
+        503: "Overloaded, or a model replica or the database is unavailable; retry after Retry-After seconds."}
+# What any /v1 or /v2 route can answer, whatever it does: auth, size limit, rate
+# limit, back-pressure. Validation's 400 is added where FastAPI validates input.
+COMMON = (401, 413, 429, 503)
+
+
+def documented(*statuses: int, oip: bool = False) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a router or route: these error statuses, with their body schema."""
+    model = OIPError if oip else OpenAIError
+    return {status: {"model": model, "description": _WHY[status]} for status in statuses}
 
 
 class APIError(Exception):
@@ -57,7 +99,38 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{param or 'body'}: {first['msg']}{more}", param
 
 
+def _openapi_with_400(app: FastAPI) -> Any:
+    """FastAPI documents request validation failures as 422 with its own body; here they
+    are 400 with our error body (see ``_invalid`` below), so the schema says so."""
+    default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default()  # cached on the app: edited in place once
+            for path, operations in schema["paths"].items():
+                model = OIPError if path.startswith("/v2") else OpenAIError
+                for operation in operations.values():
+                    if operation.get("responses", {}).pop("422", None) is not None:
+                        operation["responses"].setdefault("400", {
+                            "description": _WHY[400],
+                            "content": {"application/json": {
+                                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}})
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            for model in (OpenAIError, OIPError):
+                if model.__name__ not in components:  # normally there through documented()
+                    body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                    components.update(body.pop("$defs", {}))
+                    components[model.__name__] = body
+        return app.openapi_schema
+
+    return openapi
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.openapi = _openapi_with_400(app)  # type: ignore[method-assign]
+
     @app.exception_handler(APIError)
     async def _api(request: Request, exc: APIError) -> JSONResponse:
         return error_response(request, exc)

@@ -14,10 +14,10 @@ from maas_ray.auth.keys import KeyStore
 from maas_ray.auth.middleware import ApiKeyAuth
 from maas_ray.serve.context import get_context, set_context, set_current_tenant
 from maas_ray.serve.errors import install_error_handlers
-from maas_ray.serve.limits import BodySizeLimit
+from maas_ray.serve.limits import BodySizeLimit, JsonDepthLimit
 from maas_ray.serve.metrics import MeteredContext, RequestMetrics
 from maas_ray.serve.openai import router as openai_router
-from maas_ray.serve.routes import cards, console, files, fine_tuning, health, oip, tabular
+from maas_ray.serve.routes import admin, cards, console, files, fine_tuning, health, oip, tabular
 from maas_ray.serve.settings import AppArgs
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,29 @@ def _serve_http_host() -> str | None:
         return None
 
 
+def json_depth() -> int:
+    return get_context().settings.max_json_depth
+
+
+class Cors:
+    """CORS only for the origins in the settings (none by default): browsers on other
+    sites cannot call the API unless an operator says so. Built on the first request,
+    once the replica's settings exist."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._inner: Any = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self._inner is None:
+            from starlette.middleware.cors import CORSMiddleware
+
+            origins = get_context().settings.cors_origins
+            self._inner = CORSMiddleware(self.app, allow_origins=origins, allow_methods=["*"],
+                                         allow_headers=["*"]) if origins else self.app
+        await self._inner(scope, receive, send)
+
+
 def make_fastapi_app() -> FastAPI:
     app = FastAPI(
         title="maas_ray",
@@ -72,12 +95,15 @@ def make_fastapi_app() -> FastAPI:
         description="Model-as-a-Service on Ray: OpenAI-compatible and Open Inference Protocol APIs.",
     )
     install_error_handlers(app)
+    app.add_middleware(JsonDepthLimit, max_depth=json_depth)
     app.add_middleware(BodySizeLimit, max_body_bytes=body_limit)
     # Outside the body limit: an unauthenticated client cannot make us read its body.
     app.add_middleware(ApiKeyAuth, enabled=auth_enabled, store=key_store, set_tenant=set_current_tenant)
+    # Outside auth: a browser's preflight (OPTIONS) carries no key.
+    app.add_middleware(Cors)
     # Outermost, so it also counts what inner middleware refuses (413).
     app.add_middleware(RequestMetrics, paths=lambda: list(app.openapi()["paths"]))
-    for module in (health, tabular, cards, openai_router, files, fine_tuning, oip, console):
+    for module in (health, tabular, cards, openai_router, files, fine_tuning, admin, oip, console):
         app.include_router(module.router)
     return app
 

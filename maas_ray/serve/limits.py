@@ -1,12 +1,16 @@
-"""Request body size limit as a pure ASGI middleware.
+"""Request body limits as pure ASGI middleware.
 
-Checks ``Content-Length`` up front and counts streamed (chunked) bodies too, so
-an oversized upload is refused with 413 before it is buffered in memory.
+:class:`BodySizeLimit` checks ``Content-Length`` up front and counts streamed
+(chunked) bodies too, so an oversized upload is refused with 413 before it is
+buffered in memory. :class:`JsonDepthLimit` refuses JSON nested deeper than a
+limit with 400 before any parser recurses into it; array lengths are bounded by
+the request schemas (``max_length``), where clients can read them.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -47,18 +51,84 @@ class BodySizeLimit:
             await self._reject(scope, send, limit)
 
     async def _reject(self, scope: Scope, send: Any, limit: int) -> None:
-        message = f"request body exceeds the limit of {limit} bytes"
-        if scope.get("path", "").removeprefix(scope.get("root_path", "") or "").startswith("/v2"):
-            body: dict[str, Any] = {"error": message}
-        else:
-            body = {"error": {"message": message, "type": "request_too_large",
-                              "param": None, "code": "body_too_large"}}
-        payload = json.dumps(body).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(payload)).encode())]})
-        await send({"type": "http.response.body", "body": payload})
+        await send_error(scope, send, 413, f"request body exceeds the limit of {limit} bytes",
+                         "request_too_large", "body_too_large")
 
 
 class _TooLarge(Exception):
     pass
+
+
+async def send_error(scope: Scope, send: Any, status: int, message: str, kind: str, code: str) -> None:
+    """An error answer from middleware: OpenAI's body on /v1, the Open Inference Protocol's on /v2."""
+    if scope.get("path", "").removeprefix(scope.get("root_path", "") or "").startswith("/v2"):
+        body: dict[str, Any] = {"error": message}
+    else:
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+_EMPTY_PAIR = re.compile(rb"\[\]|\{\}")
+
+
+def json_too_deep(body: bytes, max_depth: int) -> bool:
+    """Whether ``body`` nests arrays/objects deeper than ``max_depth``, without parsing it.
+
+    Strings are blanked out, everything but brackets dropped, then innermost empty
+    pairs are removed once per level, all in the regex engine: a few linear passes,
+    no recursion. Unbalanced input is left to the JSON parser to call malformed.
+    """
+    rest = _NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", body))
+    for _ in range(max_depth):
+        if not rest:
+            return False
+        rest, removed = _EMPTY_PAIR.subn(b"", rest)
+        if not removed:
+            return False
+    return bool(rest)
+
+
+class JsonDepthLimit:
+    """400 for JSON bodies nested deeper than ``max_depth()`` (inside the size limit, so
+    the body it buffers is bounded)."""
+
+    def __init__(self, app: Any, max_depth: Callable[[], int]) -> None:
+        self.app, self._max_depth = app, max_depth
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        ctype = dict(scope.get("headers") or []).get(b"content-type", b"").split(b";")[0].strip()
+        if ctype and not ctype.endswith(b"json"):  # uploads (multipart) are not parsed as JSON
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # client gone
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        limit = self._max_depth()
+        if json_too_deep(body, limit):
+            await send_error(scope, send, 400, f"JSON body nests deeper than {limit} levels",
+                             "invalid_request_error", "json_too_deep")
+            return
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

@@ -69,6 +69,13 @@ class AppArgs(BaseModel):
     max_upload_bytes: int = Field(
         default=512 * 2**20, ge=1024, description="Largest file accepted by POST /v1/files; larger gets 413."
     )
+    max_json_depth: int = Field(
+        default=32, ge=4, le=256, description="Deepest nesting of arrays/objects in a JSON body; deeper gets 400."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins browsers may call the API from (CORS); empty: "
+        "none, the default. '*' allows any origin (without credentials)."
+    )
     max_rows_per_request: int = Field(
         default=10_000, ge=1, description="Most input rows in one predict/infer request."
     )

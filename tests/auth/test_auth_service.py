@@ -22,6 +22,8 @@ pytestmark = [pytest.mark.integration]
 
 APP = "maas-auth"
 EMBEDDER = "all-minilm-l6-v2"
+CHAT = "smollm2-135m-instruct"
+CONSOLE = "https://console.example"  # the one origin this app allows (CORS)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def auth_url(serve_url: str, maas_home: str, llm_dirs) -> str:
 
     from maas_ray.serve.app import build_app
 
-    args = {**session_app_args(maas_home), "auth": "on", "access_log": True,
+    args = {**session_app_args(maas_home), "auth": "on", "access_log": True, "cors_origins": [CONSOLE],
             "deployments": {"Ingress": {"num_replicas": 2}}}
     serve.run(build_app(args), name=APP, route_prefix="/auth")
     yield f"{serve_url}/auth"
@@ -185,3 +187,53 @@ def test_keys_are_never_stored_or_logged_in_plain_text(auth_url: str, keys, maas
     assert logs
     for path in logs:
         assert secret_part not in Path(path).read_text()
+
+
+def test_admin_routes_manage_keys_over_http(auth_url: str, keys) -> None:
+    _, admin = keys.create("ops-admin", rate="1000/min", admin=True)
+    _, tenant = keys.create("ops-tenant", rate="1000/min")
+    with httpx.Client(timeout=60) as c:
+        r = c.post(f"{auth_url}/v1/admin/keys", headers=bearer(tenant), json={"tenant": "x"})
+        assert_openai_error(r, 403, "permission_error")
+        r = c.post(f"{auth_url}/v1/admin/keys", headers=bearer(admin),
+                   json={"tenant": "made-over-http", "rate": "5/min", "tokens_per_day": 1000})
+        assert r.status_code == 200, r.text
+        made = r.json()
+        assert made["tenant"] == "made-over-http" and made["rate"] == "5/min" and made["key"].startswith("maas-")
+        assert c.get(f"{auth_url}/v1/models", headers=bearer(made["key"])).status_code == 200
+        listed = c.get(f"{auth_url}/v1/admin/keys", headers=bearer(admin), params={"tenant": "made-over-http"})
+        assert [k["id"] for k in listed.json()["data"]] == [made["id"]]
+        assert "key" not in listed.json()["data"][0]  # shown once, at creation
+        r = c.post(f"{auth_url}/v1/admin/keys", headers=bearer(admin), json={"tenant": "t", "rate": "lots"})
+        assert_openai_error(r, 400, "invalid_request_error")
+        assert "N/unit" in r.json()["error"]["message"]
+        assert c.delete(f"{auth_url}/v1/admin/keys/{made['id']}", headers=bearer(admin)).status_code == 200
+        assert_openai_error(c.get(f"{auth_url}/v1/models", headers=bearer(made["key"])), 401, "authentication_error")
+        assert_openai_error(c.delete(f"{auth_url}/v1/admin/keys/0000", headers=bearer(admin)), 404, "not_found_error")
+        usage = c.get(f"{auth_url}/v1/admin/usage", headers=bearer(admin), params={"tenant": "made-over-http"})
+        assert usage.status_code == 200 and usage.json()["data"][0]["requests"] >= 1
+
+
+def test_streams_are_metered_without_include_usage(auth_url: str, keys) -> None:
+    from openai import OpenAI
+
+    key, secret = keys.create("tenant-stream", rate="1000/min")
+    client = OpenAI(base_url=f"{auth_url}/v1", api_key=secret, max_retries=0, timeout=300)
+    stream = client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Count to ten."}],
+                                            max_tokens=6, temperature=0, stream=True)
+    chunks = [c for c in stream]
+    assert all(c.usage is None for c in chunks)  # the client did not ask for usage
+    deadline = time.monotonic() + 10
+    while not keys.usage("tenant-stream") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [row] = keys.usage("tenant-stream")
+    assert row["requests"] == 1 and row["prompt_tokens"] > 0 and row["completion_tokens"] == 6
+
+
+def test_cors_only_for_the_configured_origin(auth_url: str) -> None:
+    with httpx.Client(timeout=60) as c:
+        for origin, allowed in ((CONSOLE, True), ("https://evil.example", False)):
+            r = c.options(f"{auth_url}/v1/chat/completions",
+                          headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                                   "Access-Control-Request-Headers": "authorization,content-type"})
+            assert (r.headers.get("access-control-allow-origin") == origin) is allowed, r.headers

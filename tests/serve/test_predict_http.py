@@ -94,6 +94,14 @@ GOOD = ROWS[0].tolist()
          {"inputs": [{"name": "input-0", "shape": [1, 10], "datatype": "BYTES", "data": GOOD}]}, 400, "not numeric"),
         ("/v2/models/ghost/infer",
          {"inputs": [{"name": "input-0", "shape": [1, 10], "datatype": "FP32", "data": GOOD}]}, 404, "ghost"),
+        # JSON nested past max_json_depth (32) is refused before any parser recurses into it.
+        ("/v1/models/diabetes-linear/predict", b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400,
+         "nests deeper than 32"),
+        ("/v2/models/diabetes-linear/infer", b'{"x": ' + b'{"a": ' * 40 + b"1" + b"}" * 41, 400, "nests deeper"),
+        # Array lengths are bounded by the schema.
+        ("/v2/models/diabetes-linear/infer",
+         {"inputs": [{"name": "input-0", "shape": [1] * 9 + [10], "datatype": "FP32", "data": GOOD}]}, 400,
+         "at most 8 items"),
     ],
 )
 def test_bad_input_gets_clear_4xx_and_replica_keeps_serving(
@@ -126,3 +134,27 @@ def test_new_version_is_served_without_redeploy(client: httpx.Client, regression
     np.testing.assert_allclose(r.json()["predictions"], _in_process(maas_home, new.id), atol=1e-5)
     listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert listed["diabetes-linear"]["version"] == new.version
+
+
+def test_cors_is_off_by_default(client: httpx.Client) -> None:
+    """No Access-Control-Allow-Origin for any origin unless the operator lists it."""
+    origin = {"Origin": "https://elsewhere.example"}
+    r = client.options("/v1/models", headers={**origin, "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers
+    r = client.get("/v1/models", headers=origin)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_admin_routes_need_an_admin_key_even_with_auth_off(client: httpx.Client, maas_home: str) -> None:
+    from maas_ray.auth import KeyStore
+
+    keys = KeyStore(maas_home)
+    _, tenant_key = keys.create("open-tenant")
+    _, admin_key = keys.create("ops", admin=True)
+    assert client.get("/v1/models").status_code == 200  # the open (loopback) service
+    r = client.get("/v1/admin/keys")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = client.get("/v1/admin/keys", headers={"Authorization": f"Bearer {tenant_key}"})
+    assert r.status_code == 403 and "admin key" in r.json()["error"]["message"]
+    r = client.get("/v1/admin/keys", headers={"Authorization": f"Bearer {admin_key}"})
+    assert r.status_code == 200 and {"open-tenant", "ops"} <= {k["tenant"] for k in r.json()["data"]}

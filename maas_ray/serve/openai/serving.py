@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from maas_ray.auth.middleware import report_usage
 from maas_ray.registry import ModelVersion
 from maas_ray.serve.calls import replica_errors
 from maas_ray.serve.context import ServiceContext
@@ -150,6 +151,8 @@ async def _sse(mv: ModelVersion, req: p.SamplingFields, opened: list[tuple[Any, 
                               "model": mv.id, "choices": [], "usage": usage})
         yield "data: [DONE]\n\n"
     finally:
+        # Metered whether or not the client asked for usage, and up to where it stopped reading.
+        report_usage(opened[0][1] if opened else 0, sum(counts))
         # Client gone or done: stop every generation so its batch slot is freed.
         for (stream, _), task in zip(opened, tasks):
             task.cancel()

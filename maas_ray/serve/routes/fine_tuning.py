@@ -39,7 +39,7 @@ class MethodOptions(BaseModel):
     r: int | None = None
     alpha: int | None = None
     dropout: float | None = None
-    target_modules: list[str] | None = None
+    target_modules: list[str] | None = Field(default=None, max_length=64)
 
 
 class MethodIn(BaseModel):
@@ -60,8 +60,8 @@ class CreateJob(BaseModel):
     method: MethodIn | None = None
     export_gguf: Literal["f32", "f16", "q8_0"] | None = Field(
         default=None, description="maas extension: also publish a GGUF for the llama.cpp engine.")
-    metadata: dict[str, str] | None = None
-    integrations: list[dict[str, Any]] | None = None
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    integrations: list[dict[str, Any]] | None = Field(default=None, max_length=16)
 
 
 def to_spec(body: CreateJob) -> FineTuneSpec:

@@ -28,9 +28,9 @@ _NUMERIC = {"FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64",
 class Tensor(BaseModel):
     model_config = ConfigDict(extra="allow")  # OIP allows extension fields
     name: str
-    shape: list[int] = Field(min_length=1)
+    shape: list[int] = Field(min_length=1, max_length=8)
     datatype: str
-    data: list[Any]
+    data: list[Any] = Field(max_length=1_000_000)
     parameters: dict[str, Any] | None = None
 
 
@@ -38,8 +38,8 @@ class InferRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str | None = None
     parameters: dict[str, Any] | None = None
-    inputs: list[Tensor] = Field(min_length=1)
-    outputs: list[dict[str, Any]] | None = None
+    inputs: list[Tensor] = Field(min_length=1, max_length=64)
+    outputs: list[dict[str, Any]] | None = Field(default=None, max_length=64)
 
 
 class InferResponse(BaseModel):

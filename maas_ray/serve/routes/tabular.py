@@ -18,13 +18,14 @@ router = APIRouter(tags=["models"])
 
 # Strict: "1.5" (a string) or true is a client bug, not a number to coerce.
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Row = Annotated[list[Number], Field(max_length=10_000)]
 
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    inputs: list[list[Number]] | list[Annotated[str, Field(strict=True)]] = Field(
-        min_length=1, description="Tabular models: rows of raw feature values, in the model's "
-        "feature order. Text classifiers: the texts to classify."
+    inputs: list[Row] | list[Annotated[str, Field(strict=True)]] = Field(
+        min_length=1, max_length=100_000, description="Tabular models: rows of raw feature values, "
+        "in the model's feature order. Text classifiers: the texts to classify."
     )
 
 
