@@ -96,6 +96,12 @@ class ApiKey:
     created_at: int
     revoked_at: int | None
 
+    def to_dict(self) -> dict[str, Any]:
+        """What lists show (the admin API, the CLI): everything but the key itself."""
+        return {"id": self.id, "tenant": self.tenant, "display": self.display, "rate": str(self.rate),
+                "tokens_per_day": self.tokens_per_day, "admin": self.admin,
+                "created_at": self.created_at, "revoked_at": self.revoked_at}
+
     @classmethod
     def of(cls, row: ApiKeyRow) -> ApiKey:
         return cls(row.id, row.tenant, row.display, RateLimit(row.rate_limit, row.rate_window_s),

@@ -237,3 +237,29 @@ def test_cors_only_for_the_configured_origin(auth_url: str) -> None:
                           headers={"Origin": origin, "Access-Control-Request-Method": "POST",
                                    "Access-Control-Request-Headers": "authorization,content-type"})
             assert (r.headers.get("access-control-allow-origin") == origin) is allowed, r.headers
+
+
+def test_cli_manages_keys_of_a_running_service_with_an_admin_key(auth_url: str, keys) -> None:
+    from typer.testing import CliRunner
+
+    from maas_ray.cli import app
+
+    _, admin = keys.create("cli-admin", rate="1000/min", admin=True)
+    _, tenant = keys.create("cli-tenant", rate="1000/min")
+    runner = CliRunner()
+    remote = ["--url", auth_url]
+    r = runner.invoke(app, ["keys", "create", "--tenant", "cli-made", *remote], env={"MAAS_ADMIN_KEY": admin})
+    assert r.exit_code == 0, r.output
+    secret = r.output.strip().splitlines()[-1]
+    made = keys.authenticate(secret)
+    assert made.tenant == "cli-made"
+    r = runner.invoke(app, ["keys", "ls", "--tenant", "cli-made", *remote, "--admin-key", admin])
+    assert r.exit_code == 0 and made.id[:6] in r.output and secret.split("-", 2)[2] not in r.output
+    r = runner.invoke(app, ["keys", "ls", *remote, "--admin-key", tenant])  # not an admin key
+    assert r.exit_code == 2 and "403" in r.output and "admin key" in r.output
+    r = runner.invoke(app, ["keys", "ls", *remote], env={"MAAS_ADMIN_KEY": ""})
+    assert r.exit_code == 2 and "--admin-key" in r.output
+    r = runner.invoke(app, ["keys", "revoke", made.id, *remote, "--admin-key", admin])
+    assert r.exit_code == 0 and keys.list("cli-made")[0].revoked_at is not None
+    r = runner.invoke(app, ["usage", "--tenant", "cli-admin", *remote, "--admin-key", admin])
+    assert r.exit_code == 0 and "cli-admin" in r.output

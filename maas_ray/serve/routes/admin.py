@@ -98,12 +98,6 @@ class UsageList(BaseModel):
     data: list[UsageRow]
 
 
-def _info(key: ApiKey) -> dict[str, Any]:
-    return {"id": key.id, "tenant": key.tenant, "display": key.display, "rate": str(key.rate),
-            "tokens_per_day": key.tokens_per_day, "admin": key.admin, "created_at": key.created_at,
-            "revoked_at": key.revoked_at}
-
-
 @router.post("/v1/admin/keys", response_model=KeyCreated)
 @database_errors
 def create_key(body: KeyCreate, _: Admin) -> dict[str, Any]:
@@ -111,20 +105,20 @@ def create_key(body: KeyCreate, _: Admin) -> dict[str, Any]:
         key, secret = store().create(body.tenant, body.rate, body.tokens_per_day, body.admin)
     except ValueError as err:
         raise APIError(400, str(err), None, "invalid_value") from None
-    return {**_info(key), "key": secret}
+    return {**key.to_dict(), "key": secret}
 
 
 @router.get("/v1/admin/keys", response_model=KeyList)
 @database_errors
 def list_keys(_: Admin, tenant: Annotated[str | None, Query(max_length=128)] = None) -> dict[str, Any]:
-    return {"data": [_info(k) for k in store().list(tenant)]}
+    return {"data": [k.to_dict() for k in store().list(tenant)]}
 
 
 @router.delete("/v1/admin/keys/{key_id}", response_model=KeyInfo)
 @database_errors
 def revoke_key(key_id: str, _: Admin) -> dict[str, Any]:
     try:
-        return _info(store().revoke(key_id))
+        return store().revoke(key_id).to_dict()
     except KeyError:
         raise APIError(404, f"no API key with id {key_id!r}", "key_id", "not_found") from None
 
