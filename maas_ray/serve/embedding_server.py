@@ -19,7 +19,7 @@ from maas_ray.serve.metrics import observe_batch, track_ongoing
 MAX_EMBEDDERS_PER_REPLICA = int(os.environ.get("MAAS_MAX_EMBEDDERS_PER_REPLICA", "2"))
 
 
-@serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(max_ongoing_requests=128, max_queued_requests=1024, ray_actor_options={"num_cpus": 0.25})
 class EmbeddingServer:
     def __init__(self, storage_root: str, max_batch_size: int = 32,
                  batch_wait_timeout_s: float = 0.01) -> None:

@@ -111,7 +111,7 @@ def make_fastapi_app() -> FastAPI:
 fastapi_app = make_fastapi_app()
 
 
-@serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0.1})
+@serve.deployment(max_ongoing_requests=512, max_queued_requests=4096, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(fastapi_app)
 class Ingress:
     """Authenticates, validates and routes; model work happens in the handles."""

@@ -28,6 +28,8 @@ DEFAULT_MAX_TOKENS = int(os.environ.get("MAAS_DEFAULT_MAX_TOKENS", "256"))
     # Continuous batching only helps if many requests reach the replica at once
     # (Serve's default of 5 would cap the batch; ray-project/ray#43288).
     max_ongoing_requests=64,
+    # Bounded queues: past them a caller gets 503 + Retry-After, not an ever-longer wait.
+    max_queued_requests=256,
     # Fractional so the whole app fits a 2-core laptop next to a training job;
     # raise it (or add GPUs) in apps/maas.yaml for real deployments.
     ray_actor_options={"num_cpus": 0.5},

@@ -26,6 +26,7 @@ MAX_MODELS_PER_REPLICA = int(os.environ.get("MAAS_MAX_MODELS_PER_REPLICA", "16")
 @serve.deployment(
     # Batches only fill if enough requests reach a replica (ray-project/ray#43288).
     max_ongoing_requests=256,
+    max_queued_requests=2048,  # then 503 + Retry-After
     ray_actor_options={"num_cpus": 0.25},
 )
 class Predictor:
