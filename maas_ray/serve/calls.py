@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import ray.exceptions
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from maas_ray.registry import ModelVersion
 from maas_ray.serve.context import ServiceContext
@@ -54,7 +54,8 @@ def replica_errors(mv: ModelVersion, timeout_s: float) -> Iterator[None]:
     except BackPressureError:
         raise APIError(503, f"model {mv.id!r} is at capacity; retry later",
                        code="overloaded", headers={"Retry-After": "1"}) from None
-    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+            ReplicaUnavailableError, DeploymentUnavailableError) as err:
         logger.warning("replica failed for %s: %s", mv.id, type(err).__name__)
         raise APIError(503, "a model replica failed while serving this request; retry",
                        code="replica_failed", headers={"Retry-After": "1"}) from None
