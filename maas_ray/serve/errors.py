@@ -54,13 +54,13 @@ _WHY = {400: "Invalid request: the message names the field and what was expected
         413: "The request body is over the size limit.",
         429: "Over the key's rate limit or token budget; retry after Retry-After seconds.",
         503: "Overloaded, or a model replica or the database is unavailable; retry after Retry-After seconds."}
-# What any /v1 or /v2 route can answer, whatever it does: auth, size limit, rate
-# limit, back-pressure. Validation's 400 is added where FastAPI validates input.
+# What any /v1 or /v2 route can answer, whatever it does: the middleware's auth, size
+# limit, rate limit and back-pressure. Declared on every such route by the app's schema.
 COMMON = (401, 413, 429, 503)
 
 
 def documented(*statuses: int, oip: bool = False) -> dict[int | str, dict[str, Any]]:
-    """``responses=`` for a router or route: these error statuses, with their body schema."""
+    """``responses=`` for a route: the error statuses it raises itself, with their body."""
     model = OIPError if oip else OpenAIError
     return {status: {"model": model, "description": _WHY[status]} for status in statuses}
 
@@ -99,37 +99,39 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{param or 'body'}: {first['msg']}{more}", param
 
 
-def _openapi_with_400(app: FastAPI) -> Any:
-    """FastAPI documents request validation failures as 422 with its own body; here they
-    are 400 with our error body (see ``_invalid`` below), so the schema says so."""
+def _documented_errors(app: FastAPI) -> Any:
+    """The app's ``openapi()``, declaring the errors no route states itself: ``COMMON``
+    on every ``/v1`` and ``/v2`` route, and 400 (not FastAPI's 422, see ``_invalid``
+    below) wherever FastAPI validates input."""
     default = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = default()  # cached on the app: edited in place once
+            schema = default()  # cached on the app: edited in place, once
             for path, operations in schema["paths"].items():
-                model = OIPError if path.startswith("/v2") else OpenAIError
+                if not path.startswith(("/v1", "/v2")):
+                    continue
+                ref = {"$ref": "#/components/schemas/" + ("OIPError" if path.startswith("/v2") else "OpenAIError")}
                 for operation in operations.values():
-                    if operation.get("responses", {}).pop("422", None) is not None:
-                        operation["responses"].setdefault("400", {
-                            "description": _WHY[400],
-                            "content": {"application/json": {
-                                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}})
+                    responses = operation.setdefault("responses", {})
+                    validated = responses.pop("422", None) is not None
+                    for status in (400,) * validated + COMMON:
+                        responses.setdefault(str(status), {
+                            "description": _WHY[status], "content": {"application/json": {"schema": ref}}})
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
             for model in (OpenAIError, OIPError):
-                if model.__name__ not in components:  # normally there through documented()
-                    body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                    components.update(body.pop("$defs", {}))
-                    components[model.__name__] = body
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
         return app.openapi_schema
 
     return openapi
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.openapi = _openapi_with_400(app)  # type: ignore[method-assign]
+    app.openapi = _documented_errors(app)  # type: ignore[method-assign]
 
     @app.exception_handler(APIError)
     async def _api(request: Request, exc: APIError) -> JSONResponse:

@@ -8,15 +8,18 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from maas_ray.serve.context import get_context
+from maas_ray.serve.errors import documented
 from maas_ray.serve.openai import protocol as p
 from maas_ray.serve.openai import serving
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], responses=documented(404))
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# With "stream": true the answer is server-sent events instead of one JSON body.
+_STREAMS = {200: {"content": {"text/event-stream": {}}}}
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, responses=_STREAMS)
 async def chat_completions(req: p.ChatCompletionRequest) -> Any:
     ctx = get_context()
     mv = ctx.resolve(req.model)
@@ -28,7 +31,7 @@ async def chat_completions(req: p.ChatCompletionRequest) -> Any:
     return await serving.complete(ctx, mv, req, messages, chat=True)
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, responses=_STREAMS)
 async def completions(req: p.CompletionRequest) -> Any:
     ctx = get_context()
     mv = ctx.resolve(req.model)

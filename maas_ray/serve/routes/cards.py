@@ -19,9 +19,9 @@ from maas_ray.registry import ModelVersion
 from maas_ray.registry.card_page import render_card_markdown
 from maas_ray.registry.plots import render_loss_plot
 from maas_ray.serve.context import get_context
-from maas_ray.serve.errors import APIError
+from maas_ray.serve.errors import APIError, documented
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=documented(404))
 
 
 @router.get("/{model_id}/card")

@@ -17,7 +17,7 @@ from maas_ray import db
 from maas_ray.finetune.files import FileNotFound, FileRejected, FileStore
 from maas_ray.finetune.jobs import ACTIVE, JobService
 from maas_ray.serve.context import get_context, tenant_of
-from maas_ray.serve.errors import APIError
+from maas_ray.serve.errors import APIError, documented
 
 router = APIRouter(tags=["files"])
 
@@ -73,7 +73,7 @@ def list_files(request: Request, purpose: str | None = None,
             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 
-@router.get("/v1/files/{file_id}")
+@router.get("/v1/files/{file_id}", responses=documented(404))
 @database_errors
 def get_file(request: Request, file_id: str) -> dict[str, Any]:
     try:
@@ -82,7 +82,8 @@ def get_file(request: Request, file_id: str) -> dict[str, Any]:
         raise not_found(err) from None
 
 
-@router.get("/v1/files/{file_id}/content")
+@router.get("/v1/files/{file_id}/content", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}, **documented(404)})
 @database_errors
 def file_content(request: Request, file_id: str) -> StreamingResponse:
     try:
@@ -92,7 +93,7 @@ def file_content(request: Request, file_id: str) -> StreamingResponse:
     return StreamingResponse(chunks, media_type="application/octet-stream")
 
 
-@router.delete("/v1/files/{file_id}")
+@router.delete("/v1/files/{file_id}", responses=documented(404, 409))
 @database_errors
 def delete_file(request: Request, file_id: str) -> dict[str, Any]:
     tenant = tenant_of(request)

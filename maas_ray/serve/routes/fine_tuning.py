@@ -18,7 +18,7 @@ from maas_ray.config.finetune import FineTuneSpec
 from maas_ray.config.load import format_validation_error
 from maas_ray.finetune.jobs import JobConflict, JobNotFound, JobRejected
 from maas_ray.serve.context import get_context, tenant_of
-from maas_ray.serve.errors import APIError
+from maas_ray.serve.errors import APIError, documented
 from maas_ray.serve.routes.files import database_errors, job_service, not_found
 
 router = APIRouter(tags=["fine-tuning"])
@@ -115,7 +115,7 @@ def list_jobs(request: Request, after: str | None = None,
     return {"object": "list", "data": data, "has_more": more}
 
 
-@router.get("/v1/fine_tuning/jobs/{job_id}")
+@router.get("/v1/fine_tuning/jobs/{job_id}", responses=documented(404))
 @database_errors
 def get_job(request: Request, job_id: str) -> dict[str, Any]:
     try:
@@ -124,7 +124,7 @@ def get_job(request: Request, job_id: str) -> dict[str, Any]:
         raise not_found(err, "fine_tuning_job_id") from None
 
 
-@router.get("/v1/fine_tuning/jobs/{job_id}/events")
+@router.get("/v1/fine_tuning/jobs/{job_id}/events", responses=documented(404))
 @database_errors
 def job_events(request: Request, job_id: str, after: str | None = None,
                limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict[str, Any]:
@@ -137,7 +137,7 @@ def job_events(request: Request, job_id: str, after: str | None = None,
     return {"object": "list", "data": data, "has_more": more}
 
 
-@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", responses=documented(404))
 @database_errors
 def job_checkpoints(request: Request, job_id: str,
                     limit: Annotated[int, Query(ge=1, le=100)] = 10) -> dict[str, Any]:
@@ -149,7 +149,7 @@ def job_checkpoints(request: Request, job_id: str,
             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 
-@router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel", responses=documented(404, 409))
 @database_errors
 def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
     try:

@@ -17,9 +17,10 @@ from maas_ray import __version__
 from maas_ray.registry import ModelVersion
 from maas_ray.serve.calls import TABULAR_TASKS, check_rows, predict_rows
 from maas_ray.serve.context import get_context
-from maas_ray.serve.errors import APIError
+from maas_ray.serve.errors import APIError, documented
 
 router = APIRouter(prefix="/v2", tags=["open-inference-protocol"])
+_MISSING = documented(404, oip=True)
 
 _NUMERIC = {"FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64",
             "UINT8", "UINT16", "UINT32", "UINT64"}
@@ -82,29 +83,30 @@ def _metadata(mv: ModelVersion) -> dict[str, Any]:
     }
 
 
-@router.get("/models/{name}")
+@router.get("/models/{name}", responses=_MISSING)
 async def model_metadata(name: str) -> dict[str, Any]:
     return _metadata(get_context().resolve(name))
 
 
-@router.get("/models/{name}/versions/{version}")
+@router.get("/models/{name}/versions/{version}", responses=_MISSING)
 async def model_version_metadata(name: str, version: int) -> dict[str, Any]:
     return _metadata(get_context().resolve(f"{name}:{version}"))
 
 
-@router.get("/models/{name}/ready")
+@router.get("/models/{name}/ready", responses=_MISSING)
 async def model_ready(name: str) -> dict[str, Any]:
     mv = get_context().resolve(name)
     return {"name": mv.name, "ready": mv.task in TABULAR_TASKS}
 
 
-@router.post("/models/{name}/infer", response_model=InferResponse, response_model_exclude_none=True)
+@router.post("/models/{name}/infer", response_model=InferResponse, response_model_exclude_none=True,
+             responses=_MISSING)
 async def infer(name: str, body: InferRequest) -> InferResponse:
     return await _infer(get_context().resolve(name), body)
 
 
 @router.post("/models/{name}/versions/{version}/infer", response_model=InferResponse,
-             response_model_exclude_none=True)
+             response_model_exclude_none=True, responses=_MISSING)
 async def infer_version(name: str, version: int, body: InferRequest) -> InferResponse:
     return await _infer(get_context().resolve(f"{name}:{version}"), body)
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from maas_ray.serve.calls import check_rows, classify_texts, predict_rows
 from maas_ray.registry import ModelNotFound
 from maas_ray.serve.context import get_context
-from maas_ray.serve.errors import APIError
+from maas_ray.serve.errors import APIError, documented
 
 router = APIRouter(tags=["models"])
 
@@ -66,7 +66,7 @@ async def list_models() -> ModelList:
     return ModelList(data=data)
 
 
-@router.get("/v1/models/{model_id}", response_model=ModelCard)
+@router.get("/v1/models/{model_id}", response_model=ModelCard, responses=documented(404))
 async def get_model(model_id: str) -> ModelCard:
     ctx = get_context()
     mv = ctx.resolve(model_id)
@@ -76,7 +76,7 @@ async def get_model(model_id: str) -> ModelCard:
 
 
 @router.post("/v1/models/{model_id}/predict", response_model=PredictResponse,
-             response_model_exclude_none=True)
+             response_model_exclude_none=True, responses=documented(404))
 async def predict(model_id: str, body: PredictRequest) -> PredictResponse:
     ctx = get_context()
     mv = ctx.resolve(model_id)
