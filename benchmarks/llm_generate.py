@@ -276,8 +276,11 @@ def service_levels(url: str, model: str, new_tokens: int, levels: list[int]) -> 
 
 
 def local_service(root: str, engines: list[str], new_tokens: int, levels: list[int],
-                  llama_cpp_threads: int | None = None) -> dict[str, list[dict]]:
-    """Our app on a local Ray, deployed once per engine (``llm.engine``), measured over HTTP."""
+                  llama_cpp_threads: int | None = None,
+                  stream_intervals: tuple[float, ...] = (0.05,)) -> dict[str, list[dict]]:
+    """Our app on a local Ray, deployed once per engine (``llm.engine``) and stream interval
+    (``llm.stream_interval_s``; the first is the default, keyed by the engine alone),
+    measured over HTTP."""
     import ray
     from ray import serve
 
@@ -291,10 +294,12 @@ def local_service(root: str, engines: list[str], new_tokens: int, levels: list[i
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for engine in engines:
-            llm = {"engine": engine, "llama_cpp_threads": llama_cpp_threads}
-            serve.run(build_app({"storage": root, "llm": llm}), name="maas", route_prefix="/")
-            out[engine] = service_levels(f"http://127.0.0.1:{port}", CHAT, new_tokens, levels)
-            serve.delete("maas")
+            for k, interval in enumerate(stream_intervals):
+                llm = {"engine": engine, "llama_cpp_threads": llama_cpp_threads, "stream_interval_s": interval}
+                serve.run(build_app({"storage": root, "llm": llm}), name="maas", route_prefix="/")
+                key = engine if k == 0 else f"{engine}, stream every {interval:g} s"
+                out[key] = service_levels(f"http://127.0.0.1:{port}", CHAT, new_tokens, levels)
+                serve.delete("maas")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -304,7 +309,7 @@ def local_service(root: str, engines: list[str], new_tokens: int, levels: list[i
 # -- report ------------------------------------------------------------------------------------
 def report(r: dict) -> None:
     base = {"transformers": r.get("a_sequential"), "llama.cpp": r.get("e_llamacpp_sequential")}
-    print(f"\n{'variant':<34}{'tok/s':>8}{'TTFT ms':>9}{'ITL p50':>9}{'ITL p99':>9}{'vs alone':>10}")
+    print(f"\n{'variant':<42}{'tok/s':>8}{'TTFT ms':>9}{'ITL p50':>9}{'ITL p99':>9}{'vs alone':>10}")
     for engine, alone in base.items():
         if alone is None:
             continue
@@ -314,10 +319,13 @@ def report(r: dict) -> None:
         if engine == "llama.cpp":
             rows += [(f"(f) llama.cpp batched x{x['concurrency']}", x) for x in r.get("f_llamacpp_batched", [])]
         rows += [(f"engine in process x{x['concurrency']}", x) for x in r.get("engine", {}).get(engine, [])]
-        rows += [(f"service over HTTP x{x['concurrency']}", x) for x in r.get("service", {}).get(engine, [])]
+        for key, levels in r.get("service", {}).items():
+            if key == engine or key.startswith(f"{engine}, "):
+                label = key.removeprefix(engine).removeprefix(", ")
+                rows += [(f"service x{x['concurrency']}{' ' + label if label else ''}", x) for x in levels]
         print(f"-- {engine}")
         for name, x in rows:
-            print(f"{name:<34}{x['tokens_per_s']:>8.1f}{x['ttft_ms']:>9.0f}{x['itl_p50_ms']:>9.1f}"
+            print(f"{name:<42}{x['tokens_per_s']:>8.1f}{x['ttft_ms']:>9.0f}{x['itl_p50_ms']:>9.1f}"
                   f"{x['itl_p99_ms']:>9.1f}{x['tokens_per_s'] / alone['tokens_per_s']:>9.2f}x")
     for line in r.get("targets", {}).values():
         print(line)
@@ -364,6 +372,8 @@ def main() -> None:
     parser.add_argument("--no-service", action="store_true", help="skip the HTTP rows")
     parser.add_argument("--service-llama-threads", type=int, default=None,
                         help="llama.cpp threads in the service's replica (default: its CPUs)")
+    parser.add_argument("--stream-intervals", type=float, nargs="+", default=[0.05],
+                        help="service rows for each llm.stream_interval_s (the first is the default)")
     parser.add_argument("--storage", default=None, help="registry holding the base models (imported if missing)")
     parser.add_argument("--url", default=None, help="measure the service rows against this running app")
     parser.add_argument("--repeat", type=int, default=1,
@@ -415,7 +425,7 @@ def main() -> None:
     elif not args.no_service:
         print(f"(s) service over HTTP with {args.engines} ...", flush=True)
         results["service"] = local_service(registry.root, args.engines, args.new_tokens, args.levels,
-                                           args.service_llama_threads)
+                                           args.service_llama_threads, tuple(args.stream_intervals))
         results["service_llama_cpp_threads"] = args.service_llama_threads or threads
     results["load_avg_at_end"] = os.getloadavg()[0]
     results["targets"] = targets(results)

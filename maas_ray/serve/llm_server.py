@@ -9,6 +9,7 @@ request routed to it, so concurrent requests share decode steps. The engine
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,12 +37,14 @@ DEFAULT_MAX_TOKENS = int(os.environ.get("MAAS_DEFAULT_MAX_TOKENS", "256"))
 )
 class LLMServer:
     def __init__(self, storage_root: str, max_batch_size: int = 16, engine: str = "auto",
-                 model_engines: dict[str, str] | None = None, llama_cpp_threads: int | None = None) -> None:
+                 model_engines: dict[str, str] | None = None, llama_cpp_threads: int | None = None,
+                 stream_interval_s: float = 0.05) -> None:
         from maas_ray.serve.llm.selection import EngineConfig
 
         self.registry = Registry(storage_root)
         self.engines = EngineConfig(engine, dict(model_engines or {}), max_batch_size,  # type: ignore[arg-type]
                                     llama_cpp_threads)
+        self.stream_interval_s = stream_interval_s
 
     @serve.multiplexed(max_num_models_per_replica=MAX_LLMS_PER_REPLICA)
     async def get_engine(self, model_id: str) -> Any:
@@ -83,10 +86,31 @@ class LLMServer:
             seed=params.get("seed"),
         )
         yield {"prompt_tokens": len(ids)}
-        async for chunk in engine.generate(ids, sampling, request_id=uuid.uuid4().hex):
+        chunks = engine.generate(ids, sampling, request_id=uuid.uuid4().hex)
+        async for chunk in paced(chunks, self.stream_interval_s):
             yield {"text": chunk.text, "finish_reason": chunk.finish_reason,
                    "completion_tokens": chunk.completion_tokens}
 
     async def stats(self, model_id: str) -> dict[str, int]:
         """Running/waiting sequences of a model's engine (tests check freed slots)."""
         return (await self.get_engine(model_id)).stats()
+
+
+async def paced(chunks: AsyncIterator[Any], interval_s: float) -> AsyncIterator[Any]:
+    """The first chunk at once, then at most one per ``interval_s``: chunks decoded in
+    between are merged (same text, same token ids). The last one is never held."""
+    from maas_ray.serve.llm.batching import merge
+
+    held: list[Any] = []
+    last = -interval_s
+    try:
+        async for chunk in chunks:
+            held.append(chunk)
+            now = time.monotonic()
+            if chunk.finish_reason is not None or now - last >= interval_s:
+                yield merge(held)
+                held, last = [], now
+        if held:
+            yield merge(held)
+    finally:  # the client went away: the engine frees the sequence now, not at garbage collection
+        await chunks.aclose()

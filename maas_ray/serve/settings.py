@@ -46,6 +46,12 @@ class LLMArgs(BaseModel):
     llama_cpp_threads: int | None = Field(
         default=None, ge=1, description="llama.cpp compute threads per model (default: the replica's CPUs)."
     )
+    stream_interval_s: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="Streams send new text at most this often (tokens "
+        "decoded in between go together in one chunk; the first token goes at once). Each chunk "
+        "crosses two Ray actors, so on a small CPU fewer chunks leave more of it for decoding; 0 "
+        "sends every token on its own."
+    )
 
 
 class EmbeddingArgs(BaseModel):

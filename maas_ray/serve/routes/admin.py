@@ -17,10 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from maas_ray.auth import ApiKey, AuthError, KeyStore
 from maas_ray.serve.context import get_context
-from maas_ray.serve.errors import APIError
+from maas_ray.serve.errors import APIError, documented
 from maas_ray.serve.routes.files import database_errors
 
-router = APIRouter(tags=["admin"])
+router = APIRouter(tags=["admin"], responses=documented(403))
 
 
 @functools.lru_cache(maxsize=4)
@@ -114,7 +114,7 @@ def list_keys(_: Admin, tenant: Annotated[str | None, Query(max_length=128)] = N
     return {"data": [k.to_dict() for k in store().list(tenant)]}
 
 
-@router.delete("/v1/admin/keys/{key_id}", response_model=KeyInfo)
+@router.delete("/v1/admin/keys/{key_id}", response_model=KeyInfo, responses=documented(404))
 @database_errors
 def revoke_key(key_id: str, _: Admin) -> dict[str, Any]:
     try:
