@@ -66,7 +66,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out: Path, task: str = "cha
     if classes:  # a classifier's head has one output per class, named as in training
         kwargs.update(num_labels=len(classes), id2label=dict(enumerate(classes)),
                       label2id={c: i for i, c in enumerate(classes)})
-    base = cls.from_pretrained(str(base_dir), **kwargs)
+    base = cls.from_pretrained(str(base_dir), use_safetensors=True, **kwargs)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).merge_and_unload()
     model.save_pretrained(str(out), safe_serialization=True)
     for name in _TOKENIZER_FILES:

@@ -30,7 +30,8 @@ SCAFFOLD = (STATE, OPTIMIZER)  # checkpoint files that are not part of the model
 def _load_model(cfg: dict[str, Any]) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    kwargs = {"local_files_only": True, "trust_remote_code": False, "dtype": torch.float32}
+    kwargs = {"local_files_only": True, "trust_remote_code": False, "use_safetensors": True,
+              "dtype": torch.float32}
     tokenizer = AutoTokenizer.from_pretrained(cfg["base_dir"], local_files_only=True)
     if cfg["objective"] == "lm":
         model = AutoModelForCausalLM.from_pretrained(cfg["base_dir"], **kwargs)

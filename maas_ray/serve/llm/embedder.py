@@ -35,7 +35,7 @@ class Embedder:
         folder = Path(model_dir)
         kwargs = {"local_files_only": True, "trust_remote_code": False}
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
-        self.model = AutoModel.from_pretrained(str(folder), **kwargs).to(device).eval()
+        self.model = AutoModel.from_pretrained(str(folder), use_safetensors=True, **kwargs).to(device).eval()
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.dimensions = int(self.model.config.hidden_size)

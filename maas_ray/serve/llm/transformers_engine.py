@@ -121,7 +121,8 @@ class TransformersEngine(GenerationEngine):
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, local_files_only=True, trust_remote_code=False).to(self.device).eval()
+            model_dir, dtype=dtype, local_files_only=True, trust_remote_code=False,
+            use_safetensors=True).to(self.device).eval()
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         eos = self._eos_from_config if self._eos_from_config is not None else self.model.config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]
