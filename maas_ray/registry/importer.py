@@ -13,6 +13,7 @@ downloaded: sources are local folders.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import shutil
 import tempfile
@@ -22,7 +23,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from maas_ray.registry.gguf_export import GGUF_FILE, attach_gguf
-from maas_ray.registry.store import ModelNotFound, ModelVersion, Registry
+from maas_ray.registry.store import _CACHE, ModelNotFound, ModelVersion, Registry, sha256_file
+
+# Converted GGUF imports, per machine (see _conversion_cache).
+CONVERSIONS = _CACHE / "imports"
 
 logger = logging.getLogger(__name__)
 
@@ -163,10 +167,24 @@ def import_hf_model(
         raise FileNotFoundError(f"model folder {source} does not exist")
     if gguf_file and not (source / gguf_file).is_file():
         raise FileNotFoundError(f"GGUF file {source / gguf_file} does not exist")
+    if not gguf_file and not any(source.glob("*.safetensors")):
+        raise FileNotFoundError(f"{source} has no .safetensors weights: maas loads models only from "
+                                "safetensors or GGUF, never from pickled checkpoints (pytorch_model.bin); "
+                                "convert it first (e.g. save_pretrained in a trusted environment)")
+    say = progress or (lambda _msg: None)
+    cached = _conversion_cache(name, source, task, gguf_file, weights)
+    card = _cached_card(cached) if cached is not None else None
+    if cached is not None and card is not None:
+        say(f"reusing this machine's conversion of {source / gguf_file}")  # type: ignore[operator]
+        with tempfile.TemporaryDirectory(prefix="maas-import-") as tmp:
+            shutil.copytree(cached, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(_CACHED_CARD))
+            mv = registry.publish(name, Path(tmp), card)
+        logger.info("imported %s from %s (cached conversion)", mv.id, card["source"])
+        say(f"imported {mv.id}")
+        return mv
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    say = progress or (lambda _msg: None)
     cls = _auto_class(task)
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     if gguf_file:
@@ -177,7 +195,9 @@ def import_hf_model(
         model = None
         config = AutoConfig.from_pretrained(str(source), **kwargs)
     else:
-        model = cls.from_pretrained(str(source), dtype=torch.float32, **kwargs)
+        # Weights only from safetensors (or GGUF): never a pickled checkpoint.
+        safe = {} if gguf_file else {"use_safetensors": True}
+        model = cls.from_pretrained(str(source), dtype=torch.float32, **safe, **kwargs)
         if gguf_file:
             say("dequantising GGUF weights")
             model = _dequantised(model, cls)
@@ -219,10 +239,68 @@ def import_hf_model(
         elif weights == "both":
             say(f"exporting {name} to GGUF (f16)")
             card = attach_gguf(tmp, card, "f16")
+        if cached is not None:
+            _keep_conversion(Path(tmp), card, cached)
         mv = registry.publish(name, Path(tmp), card)
     logger.info("imported %s from %s", mv.id, card["source"])
     say(f"imported {mv.id}")
     return mv
+
+
+_CACHED_CARD = "import-card.json"
+
+
+def _conversion_cache(name: str, source: Path, task: str, gguf_file: str | None, weights: str) -> Path | None:
+    """Where this machine keeps the converted folder of a GGUF import (dequantising takes
+    ~30 s; a second storage root, a fresh `make run` or a test session reuses it). Keyed by
+    the GGUF's bytes and everything else the result depends on; None for folder imports."""
+    if not gguf_file:
+        return None
+    import hashlib
+
+    import transformers
+
+    from maas_ray import __version__
+
+    digest = hashlib.sha256()
+    with open(source / gguf_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(f"|{name}|{source.resolve()}|{task}|{weights}|{transformers.__version__}|{__version__}".encode())
+    return CONVERSIONS / digest.hexdigest()[:32]
+
+
+def _keep_conversion(folder: Path, card: dict[str, Any], target: Path) -> None:
+    """Copy a finished conversion into the cache with its files' checksums, whole or not at
+    all (copy, then rename)."""
+    partial: Path | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
+        shutil.copytree(folder, partial, dirs_exist_ok=True)
+        files = {str(f.relative_to(partial)): sha256_file(f) for f in sorted(partial.rglob("*")) if f.is_file()}
+        (partial / _CACHED_CARD).write_text(json.dumps({"card": card, "files": files}))
+        partial.rename(target)
+    except OSError as err:  # a full or read-only cache, or another process won: no harm
+        logger.info("not caching the conversion in %s: %s", target, err)
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _cached_card(cached: Path) -> dict[str, Any] | None:
+    """The card of an intact cached conversion; a damaged one is dropped (and redone)."""
+    try:
+        entry = json.loads((cached / _CACHED_CARD).read_text())
+        files = {str(f.relative_to(cached)) for f in cached.rglob("*") if f.is_file()} - {_CACHED_CARD}
+        if files == set(entry["files"]) and all(sha256_file(cached / rel) == digest
+                                                for rel, digest in entry["files"].items()):
+            return dict(entry["card"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if cached.exists():
+        logger.warning("dropping a damaged cached conversion in %s", cached)
+        shutil.rmtree(cached, ignore_errors=True)
+    return None
 
 
 def _architecture(config: Any, model: Any, task: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -91,3 +92,42 @@ def test_bad_sources_fail_before_anything_is_written(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         import_hf_model(reg, "x", tmp_path, "chat", gguf_file="nope.gguf")
     assert reg.names() == []
+
+
+def test_pickled_checkpoints_are_refused(tmp_path: Path, llm_dirs: dict[str, str]) -> None:
+    """A folder whose weights are a pickle (pytorch_model.bin) is never loaded."""
+    src = tmp_path / "pickled"
+    shutil.copytree(llm_dirs["all-minilm-l6-v2"], src)
+    for weights in src.glob("*.safetensors"):
+        torch.save(load_file(weights), src / "pytorch_model.bin")
+        weights.unlink()
+    reg = Registry(str(tmp_path / "home"))
+    with pytest.raises(FileNotFoundError, match="only from safetensors"):
+        import_hf_model(reg, "pickled", src, "embedding")
+    assert reg.names() == []
+
+
+def test_a_second_storage_root_reuses_the_machines_conversion(tmp_path: Path, llm_home: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session's import left SmolLM2's conversion in the machine's cache: importing it
+    into another storage root gives the very same files without dequantising again, and a
+    damaged cache entry is dropped instead of published."""
+    from maas_ray.registry import importer
+
+    first = Registry(llm_home).get(CHAT)
+    source = BASE_MODELS[CHAT]
+    entry = importer._conversion_cache(CHAT, source.folder(), "chat", source.gguf_file, "both")
+    assert importer._cached_card(entry) is not None, "the session's import was cached"
+    messages: list[str] = []
+    other = Registry(str(tmp_path / "other"))
+    mv = import_hf_model(other, CHAT, source.folder(), "chat", source.gguf_file, messages.append)
+    assert any("reusing" in m for m in messages) and not any("dequantising" in m for m in messages)
+    assert mv.card["files"] == first.card["files"]  # byte-identical (sha256 of every file)
+    assert {k: v for k, v in mv.card.items() if k != "created_at"} == \
+           {k: v for k, v in first.card.items() if k != "created_at"}
+    # A damaged copy (here: of the entry, in a private cache) is refused and removed.
+    copy = tmp_path / "cache" / entry.name
+    shutil.copytree(entry, copy)
+    with (copy / "config.json").open("a") as f:
+        f.write(" ")
+    assert importer._cached_card(copy) is None and not copy.exists()
