@@ -11,9 +11,7 @@ shared in-process Ray session other test modules use.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
