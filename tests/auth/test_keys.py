@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def test_cli_creates_lists_revokes_and_reports_usage(tmp_path: Path) -> None:
     env = {"MAAS_HOME": str(tmp_path)}
     r = runner.invoke(app, ["keys", "create", "--tenant", "acme", "--rate", "5/min"], env=env)
     assert r.exit_code == 0, r.output
-    secret = r.output.strip().splitlines()[-1]
+    [secret] = re.findall(r"^(maas-[0-9a-f]{16}-\S+)$", r.output, re.MULTILINE)  # Ray may log into output
     key = KeyStore(str(tmp_path)).authenticate(secret)
     r = runner.invoke(app, ["keys", "ls"], env=env)
     assert r.exit_code == 0 and key.id[:6] in r.output and secret.split("-", 2)[2] not in r.output
