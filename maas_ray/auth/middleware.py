@@ -17,6 +17,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from maas_ray.auth.keys import ApiKey, AuthError, Denied, KeyStore
+from maas_ray.serve.limits import send_error
 
 logger = logging.getLogger(__name__)
 Scope = dict[str, Any]
@@ -43,22 +44,6 @@ def route_path(scope: Scope) -> str:
 
 def _guarded(path: str) -> bool:
     return any(path == p or path.startswith(p + "/") for p in GUARDED)
-
-
-async def send_error(scope: Scope, send: Any, status: int, message: str, code: str,
-                     headers: dict[str, str] | None = None) -> None:
-    """OpenAI error body on /v1, Open Inference Protocol body on /v2."""
-    if route_path(scope).startswith("/v2"):
-        body: dict[str, Any] = {"error": message}
-    else:
-        kind = {401: "authentication_error", 429: "rate_limit_error", 400: "invalid_request_error"}
-        body = {"error": {"message": message, "type": kind.get(status, "api_error"), "param": None,
-                          "code": code}}
-    payload = json.dumps(body).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": payload})
 
 
 def _usage_of(body: bytes) -> tuple[int, int]:

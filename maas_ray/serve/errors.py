@@ -27,6 +27,11 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           413: "request_too_large", 429: "rate_limit_error", 503: "service_unavailable"}
 
 
+def error_type(status: int) -> str:
+    """OpenAI's error ``type`` for an HTTP status."""
+    return _TYPES.get(status, "api_error")
+
+
 class OpenAIErrorDetail(BaseModel):
     message: str = Field(description="What went wrong, naming the field or resource and how to fix it.")
     type: str = Field(description="invalid_request_error, not_found_error, rate_limit_error, ...")
@@ -81,7 +86,7 @@ def error_response(request: Request, err: APIError) -> JSONResponse:
     if path.startswith("/v2"):
         body: dict = {"error": err.message}
     else:
-        body = {"error": {"message": err.message, "type": _TYPES.get(err.status, "api_error"),
+        body = {"error": {"message": err.message, "type": error_type(err.status),
                           "param": err.param, "code": err.code}}
     return JSONResponse(body, status_code=err.status, headers=err.headers)
 

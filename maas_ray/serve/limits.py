@@ -52,23 +52,29 @@ class BodySizeLimit:
 
     async def _reject(self, scope: Scope, send: Any, limit: int) -> None:
         await send_error(scope, send, 413, f"request body exceeds the limit of {limit} bytes",
-                         "request_too_large", "body_too_large")
+                         "body_too_large")
 
 
 class _TooLarge(Exception):
     pass
 
 
-async def send_error(scope: Scope, send: Any, status: int, message: str, kind: str, code: str) -> None:
-    """An error answer from middleware: OpenAI's body on /v1, the Open Inference Protocol's on /v2."""
-    if scope.get("path", "").removeprefix(scope.get("root_path", "") or "").startswith("/v2"):
+async def send_error(scope: Scope, send: Any, status: int, message: str, code: str,
+                     headers: dict[str, str] | None = None) -> None:
+    """An error answer from middleware: OpenAI's body on /v1 (its ``type`` from the status,
+    as :mod:`maas_ray.serve.errors` maps it), the Open Inference Protocol's on /v2."""
+    from maas_ray.serve.errors import error_type
+
+    path = scope.get("path", "")
+    root = scope.get("root_path", "") or ""
+    if (path[len(root):] if root and path.startswith(root) else path).startswith("/v2"):
         body: dict[str, Any] = {"error": message}
     else:
-        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        body = {"error": {"message": message, "type": error_type(status), "param": None, "code": code}}
     payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode())]})
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -120,7 +126,7 @@ class JsonDepthLimit:
         limit = self._max_depth()
         if json_too_deep(body, limit):
             await send_error(scope, send, 400, f"JSON body nests deeper than {limit} levels",
-                             "invalid_request_error", "json_too_deep")
+                             "json_too_deep")
             return
         replayed = False
 
