@@ -5,8 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
-from typing import Any
+import signal
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psutil
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +83,8 @@ def ray_session(address: str | None = None, **init_kwargs: Any) -> Iterator[bool
     """Yield with Ray connected; shut down only what this call started.
 
     ``address`` (or ``$RAY_ADDRESS``, as set by ``ray job submit``) joins a running
-    cluster; without one an embedded local Ray starts. Yields True when Ray was
+    cluster; without one an embedded local Ray starts, and on the way out every
+    process it started is gone (see ``shutdown_ray``). Yields True when Ray was
     started or joined here, False when it was already initialised (e.g. tests).
     """
     import ray
@@ -90,10 +96,104 @@ def ray_session(address: str | None = None, **init_kwargs: Any) -> Iterator[bool
     if not address:
         free_agent_port()
         init_kwargs.setdefault("_temp_dir", private_temp_dir())
-    # address="local" starts a private Ray even when a `ray start` cluster runs on
-    # this machine: joining one must be asked for with --address or $RAY_ADDRESS.
-    ray.init(address=address or "local", logging_level=logging.WARNING, **init_kwargs)
     try:
+        # address="local" starts a private Ray even when a `ray start` cluster runs on
+        # this machine: joining one must be asked for with --address or $RAY_ADDRESS.
+        ray.init(address=address or "local", logging_level=logging.WARNING, **init_kwargs)
         yield True
     finally:
+        shutdown_ray()
+
+
+def node_processes() -> list[psutil.Process]:
+    """Every live process of this driver's embedded Ray: those ``ray.init`` started
+    (GCS, raylet, dashboard, monitors) and all their descendants (workers, the
+    raylet's dashboard and runtime-env agents, dashboard modules).
+
+    Empty when joined to a cluster: its processes are not ours. Read from Ray's own
+    record of what it started (``_global_node.all_processes``, internal, as of Ray
+    2.60), never by process name, so a second Ray on the machine (another
+    ``maas up``, a test cluster) is never touched.
+    """
+    import psutil
+    from ray._private import worker
+
+    node = worker._global_node
+    infos = [info for infos in list(node.all_processes.values()) for info in infos] if node else []
+    # Exited (and reaped) ones are skipped: their PIDs may belong to strangers by now.
+    roots = [info.process.pid for info in infos if info.process.poll() is None]
+    if not roots:
+        return []
+    children: dict[int, list[psutil.Process]] = {}
+    for proc in psutil.process_iter(["ppid"]):  # one pass over /proc, not one per root
+        children.setdefault(proc.info["ppid"], []).append(proc)
+    found: dict[int, psutil.Process] = {}
+    for pid in roots:
+        with contextlib.suppress(psutil.Error):
+            found[pid] = psutil.Process(pid)
+    stack = list(found)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child.pid not in found:
+                found[child.pid] = child
+                stack.append(child.pid)
+    return [p for p in found.values() if _alive(p)]
+
+
+def stop_processes(procs: Iterable[psutil.Process], grace_s: float, reap_s: float = 2.0) -> list[psutil.Process]:
+    """SIGTERM the live ones, SIGKILL what is left after ``grace_s`` (at once when
+    ``grace_s`` is 0), then wait up to ``reap_s`` for them to go. Returns the survivors.
+
+    ``psutil.Process`` objects refuse to signal a PID that was reused since they were
+    read, so a stale list can only miss processes, never hit a stranger's.
+    """
+    import psutil
+
+    alive = [p for p in procs if _alive(p)]
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, reap_s)):
+        if sig == signal.SIGTERM and grace_s <= 0:
+            continue
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(sig)
+        deadline = time.monotonic() + wait_s
+        # Polled rather than psutil.wait_procs: that waits out zombies that are not
+        # our children, and those already hold no ports or memory.
+        while (alive := [p for p in alive if _alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not alive:
+            break
+    return alive
+
+
+def shutdown_ray(grace_s: float = 2.0) -> None:
+    """``ray.shutdown()``, then make sure every process the embedded Ray started is gone.
+
+    ``ray.shutdown()`` stops the processes ``ray.init`` started (SIGTERM, SIGKILL
+    after 1 s), but not their children. When the raylet is SIGKILLed (slow to stop on
+    a loaded machine), its dashboard and runtime-env agents notice only by polling,
+    then try to flush logs to the dead GCS: they held Ray's metrics port for ~50 s, so
+    a new ``maas up`` could not start. The tree is read before the shutdown because a
+    dead raylet's children are re-parented to init and no longer look like ours.
+    """
+    import ray
+
+    procs = node_processes()
+    started = time.monotonic()
+    try:
         ray.shutdown()
+    finally:
+        left = stop_processes(procs, grace_s)
+    if left:
+        logger.warning("%d processes of the local Ray survived SIGKILL: %s",
+                       len(left), ", ".join(str(p.pid) for p in left))
+    logger.info("local Ray stopped in %.1f s", time.monotonic() - started)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
