@@ -126,16 +126,27 @@ class ScalingSpec(_Spec):
         default=60.0, gt=0, description="How often elastic training checks for room to grow."
     )
     use_gpu: bool = Field(default=False, description="Give each worker one GPU (CUDA + NCCL).")
+    cpus_per_worker: float | None = Field(
+        default=None, gt=0.0,
+        description="CPUs reserved per worker; fractions share cores. Empty (auto): what is free "
+        "when training starts, up to 1 per worker and at least 0.25, so a job fits beside a "
+        "running app on a small machine.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Extra custom resources per worker, e.g. {'TPU': 1}."
+    )
+    resource_wait_s: float = Field(
+        default=600.0, ge=0.0,
+        description="How long a job waits for free CPUs (its data step, then its workers) "
+        "before it fails saying what it needs and what is free.")
 
     def ray_num_workers(self) -> int | tuple[int, int]:
         n = self.num_workers
         return n if isinstance(n, int) else (n.min, n.max)
-    cpus_per_worker: float = Field(
-        default=1.0, gt=0.0, description="CPUs reserved per worker; fractions share cores."
-    )
-    resources_per_worker: dict[str, float] = Field(
-        default_factory=dict, description="Extra custom resources per worker, e.g. {'TPU': 1}."
-    )
+
+    def min_workers(self) -> int:
+        """Workers training cannot start without (an elastic run's minimum)."""
+        n = self.num_workers
+        return n if isinstance(n, int) else n.min
 
 
 class TrainSpec(_Spec):

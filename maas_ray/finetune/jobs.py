@@ -16,6 +16,7 @@ import os
 import secrets
 import shlex
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ ACTIVE = ("validating_files", "queued", "running")
 DASHBOARD_ENV = "MAAS_RAY_DASHBOARD"
 SUBMIT_PATIENCE_S = 60.0
 GCS_ENV = "MAAS_RAY_GCS"  # the cluster a job's driver must join
+_ENV_LOCK = threading.Lock()  # RayJobs.client hides a vague RAY_ADDRESS for a moment
 
 
 class JobNotFound(LookupError):
@@ -137,7 +139,19 @@ class RayJobs:
     def client(self) -> Any:
         from ray.job_submission import JobSubmissionClient
 
-        return JobSubmissionClient(self.dashboard_url())
+        url = self.dashboard_url()
+        # Ray's client lets $RAY_ADDRESS override the address it is given. Where that says
+        # only "a Ray on this machine" (`local`, as an embedded `maas up` may run under, and
+        # its replicas inherit), the client goes looking for one and, with several Rays on
+        # the machine, fails or finds another; the URL found above is this cluster's.
+        with _ENV_LOCK:
+            vague = os.environ.get("RAY_ADDRESS", "").strip() in ("", "local", "auto")
+            hidden = os.environ.pop("RAY_ADDRESS", None) if vague else None
+            try:
+                return JobSubmissionClient(url)
+            finally:
+                if hidden is not None:
+                    os.environ["RAY_ADDRESS"] = hidden
 
     def dashboard_url(self) -> str:
         url = self.address or os.environ.get(DASHBOARD_ENV)
@@ -176,8 +190,11 @@ class RayJobs:
         deadline = time.monotonic() + SUBMIT_PATIENCE_S
         while True:
             try:
+                # The driver only waits on Ray: it reserves no CPU (Ray's default, said
+                # here on purpose), so a small cluster keeps its CPUs for the job's workers.
                 return client.submit_job(entrypoint=entrypoint, submission_id=f"maas-{job_id}",
-                                         runtime_env={"env_vars": env}, metadata={"maas_job": job_id})
+                                         runtime_env={"env_vars": env}, metadata={"maas_job": job_id},
+                                         entrypoint_num_cpus=0)
             except RuntimeError as err:
                 # A node's job agent registers a few seconds after Ray starts (longer on a busy
                 # machine); the job server says so and asks to retry.

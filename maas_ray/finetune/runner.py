@@ -137,6 +137,10 @@ def run_job(job_id: str, root: str | None = None, progress: Any = None) -> int:
             progress(event)
 
     from maas_ray.train.finetune import FineTuneCancelled, run_finetune
+    from maas_ray.train.resources import InsufficientResources
+
+    def on_resources(message: str) -> None:  # while queued: what it waits for, what it got
+        _event(root, job_id, message)
 
     name = fine_tuned_name(spec.base_model, spec.suffix, job_id)
     try:
@@ -147,13 +151,17 @@ def run_job(job_id: str, root: str | None = None, progress: Any = None) -> int:
                 train_uri=service.files.get(spec.training_file, tenant).uri,
                 valid_uri=service.files.get(spec.validation_file, tenant).uri if spec.validation_file else None,
                 run_name=job_id, out_dir=Path(tmp) / "model", storage_root=root, labels=labels,
-                seed=seed, on_progress=on_progress, should_stop=should_stop)
+                seed=seed, on_progress=on_progress, should_stop=should_stop, on_resources=on_resources)
             if should_stop():
                 raise FineTuneCancelled("cancelled before publishing")
             version = _publish(registry, name, result, spec, base, job_id, seed, started, tenant)
     except FineTuneCancelled:
         logger.info("job %s cancelled", job_id)
         return 0
+    except InsufficientResources as err:
+        set_status(root, job_id, "failed", f"Job failed: {err}",
+                   error={"code": "insufficient_resources", "message": str(err), "param": None})
+        return 1
     except Exception as err:  # noqa: BLE001
         logger.exception("job %s failed", job_id)
         set_status(root, job_id, "failed", f"Job failed: {type(err).__name__}: {err}",

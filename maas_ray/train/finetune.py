@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from maas_ray.config.finetune import FineTuneSpec
 from maas_ray.registry import ModelVersion
 from maas_ray.runtime import quiet_ray_data
 from maas_ray.train.progress import StopTraining
+from maas_ray.train.resources import DATA_CPUS, Need, wait_actors_gone, wait_for_cpus
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
@@ -46,11 +48,15 @@ def objective_for(base: ModelVersion) -> str:
 
 
 def read_lines(uri: str) -> Any:
-    """A Ray Dataset of a JSONL file's lines (``text`` column), any storage."""
+    """A Ray Dataset of a JSONL file's lines (``text`` column), any storage.
+
+    Read tasks take :data:`DATA_CPUS`, not Ray Data's default of 1: beside a running
+    app a small machine has less than one CPU free, and a 1-CPU read never starts there.
+    """
     import ray.data
 
     fs, path = storage.filesystem(uri)
-    return ray.data.read_text(path, filesystem=fs)
+    return ray.data.read_text(path, filesystem=fs, num_cpus=DATA_CPUS)
 
 
 def run_finetune(
@@ -66,10 +72,17 @@ def run_finetune(
     seed: int = 0,
     on_progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_resources: Callable[[str], None] | None = None,
 ) -> FineTuneResult:
-    """Train on the connected Ray cluster; the model lands in ``out_dir``."""
+    """Train on the connected Ray cluster; the model lands in ``out_dir``.
+
+    Waits at most ``spec.scaling.resource_wait_s`` in all for CPUs (``on_resources``
+    hears what for, and what the workers got) and raises
+    :class:`~maas_ray.train.resources.InsufficientResources` when they stay taken.
+    """
     import ray
     import ray.train
+    from ray.data import ActorPoolStrategy
 
     from maas_ray.train.finetune_loop import SCAFFOLD, finetune_loop_per_worker
     from maas_ray.train.progress import fit_with_progress, start_progress_log
@@ -90,11 +103,19 @@ def run_finetune(
             udf, kwargs = TokenizeClassification, {"model_dir": str(base_dir), "labels": labels,
                                                    "max_len": spec.max_seq_length}
         return read_lines(uri).map_batches(udf, fn_constructor_kwargs=kwargs, batch_size=256,
-                                           concurrency=1, num_cpus=0.25).materialize()
+                                           compute=ActorPoolStrategy(size=1),
+                                           num_cpus=DATA_CPUS).materialize()
 
+    wait_s = spec.scaling.resource_wait_s
+    started = time.monotonic()
+    # A read task and the tokenizer actor run side by side.
+    wait_for_cpus(Need(DATA_CPUS, 2, "data task"), wait_s, on_resources)
+    wait_s = max(0.0, wait_s - (time.monotonic() - started))  # one budget for both waits
     datasets = {"train": tokenized(train_uri)}
     if valid_uri:
         datasets["validation"] = tokenized(valid_uri)
+    # The tokenizer actors hold their CPUs until they exit; the workers are sized after.
+    wait_actors_gone("MapWorker(")
     train_rows = datasets["train"].count()
     progress = start_progress_log(run_name, base.name)  # also exports the job's metrics
     config = {
@@ -116,6 +137,7 @@ def run_finetune(
     }
     trainer = torch_trainer(
         finetune_loop_per_worker, config, spec.scaling, run_name, root, datasets, max_failures=1,
+        on_resources=on_resources, wait_s=wait_s,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
         # Validation rows are split across workers too, and summed with all_reduce.
         dataset_config=ray.train.DataConfig(datasets_to_split="all"))

@@ -85,8 +85,20 @@ def fit_with_progress(trainer: Any, progress: Any, on_event: Callable[[dict[str,
         if progress is not None:
             ray.kill(progress)
     if "error" in outcome:
-        raise outcome["error"]
+        raise _explained(outcome["error"], trainer)
     return outcome["result"]
+
+
+def _explained(err: BaseException, trainer: Any) -> BaseException:
+    """Workers that never got their resources fail naming what they needed and what is free."""
+    from maas_ray.train.resources import Need, explain_start_failure
+
+    scaling = getattr(trainer, "scaling_config", None)
+    if scaling is None:
+        return err
+    workers = scaling.num_workers
+    cpus = (scaling.resources_per_worker or {}).get("CPU")
+    return explain_start_failure(err, Need(cpus, workers if isinstance(workers, int) else workers[0]))
 
 
 class StopTraining(RuntimeError):

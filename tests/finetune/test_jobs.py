@@ -4,6 +4,7 @@ pagination, cancel, and reconciling with a Ray job status."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -147,3 +148,23 @@ def test_object_store_roots_need_a_database_url(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv(db.URL_ENV, raising=False)
     with pytest.raises(db.DatabaseConfigError, match="MAAS_DATABASE_URL"):
         db.database_url("s3://bucket/maas")
+
+
+@pytest.mark.parametrize("ray_address", ["local", "auto"])
+def test_job_client_is_not_sent_looking_for_a_ray_by_a_vague_ray_address(
+        monkeypatch: pytest.MonkeyPatch, ray_address: str) -> None:
+    """Ray's client lets $RAY_ADDRESS override the URL it is given; `local` (which replicas of
+    an embedded `maas up` inherit) made it search the machine and fail when two Rays ran."""
+    import ray.job_submission
+
+    seen: list[str | None] = []
+
+    class Client:
+        def __init__(self, address: str) -> None:
+            seen.append(os.environ.get("RAY_ADDRESS"))
+            self.address = address
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
+    monkeypatch.setenv("RAY_ADDRESS", ray_address)
+    assert RayJobs("http://127.0.0.1:8265").client().address == "http://127.0.0.1:8265"
+    assert seen == [None] and os.environ["RAY_ADDRESS"] == ray_address
