@@ -21,6 +21,8 @@ class ServiceContext:
     settings: AppArgs
     registry: Registry
     handles: dict[str, Any] = field(default_factory=dict)
+    # name:version → the engine that last served it (``GenerationEngine.info()``), for /v1/models.
+    engines: dict[str, dict[str, Any]] = field(default_factory=dict)
     # name:version → card; versions are immutable, so this never goes stale.
     _cards: dict[str, ModelVersion] = field(default_factory=dict)
     # name → (folder mtime in ns, when we read it in ns, latest version)

@@ -56,7 +56,8 @@ class LLMServer:
     @meter_generation("llm")
     async def generate(self, model_id: str, prompt: str | list[dict[str, str]],
                        params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """First yields ``{"prompt_tokens"}`` or ``{"error"}``, then text deltas."""
+        """First yields ``{"prompt_tokens", "engine"}`` (the engine's ``info()``) or
+        ``{"error"}``, then text deltas."""
         from maas_ray.serve.llm import SamplingParams
         from maas_ray.serve.llm.selection import EngineUnavailable
 
@@ -85,7 +86,7 @@ class LLMServer:
             stop=list(params.get("stop") or []),
             seed=params.get("seed"),
         )
-        yield {"prompt_tokens": len(ids)}
+        yield {"prompt_tokens": len(ids), "engine": engine.info()}
         chunks = engine.generate(ids, sampling, request_id=uuid.uuid4().hex)
         async for chunk in paced(chunks, self.stream_interval_s):
             yield {"text": chunk.text, "finish_reason": chunk.finish_reason,

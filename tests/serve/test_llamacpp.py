@@ -109,6 +109,42 @@ def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(engine) -> None
     assert a == b and a != c
 
 
+def test_batch_self_check_passes_and_keeps_the_batch(engine) -> None:
+    """Weights in plain CPU buffers + flash attention make every row's logits bit-identical
+    alone and batched. On an AMX CPU with AMX buffers (what llama.cpp picks by default) this
+    failed: batched greedy output turned to garbage. Here the engine itself measured it."""
+    check = engine.batch_check
+    assert check is not None and check.batch_invariant, check
+    assert check.max_logit_diff == 0.0 and check.tokens_agree
+    assert engine.max_batch_size == 4
+    assert engine.info() == {"engine": "llama.cpp", "max_batch_size": 4, "batch_check": check.as_dict(),
+                             "warning": None}
+
+
+def test_a_batch_dependent_build_is_caught_and_served_one_request_at_a_time(llm_dirs: dict[str, str]) -> None:
+    """llama.cpp's matmul attention (flash attention off) sums each row's KV cells with
+    kernels chosen by the batch's size, so logits change with what runs beside a request,
+    as AMX tiles changed them on Xeons. The self-check must see it and fall back to one
+    request at a time, so greedy output alone and "crowded" are again identical."""
+    from maas_ray.serve.llm import LlamaCppEngine
+
+    folder = Path(llm_dirs[CHAT])
+    with LlamaCppEngine(folder / "model.gguf", tokenizer_dir=folder, max_batch_size=4, flash_attn=False) as eng:
+        check = eng.batch_check
+        assert check is not None and not check.batch_invariant and check.max_logit_diff > 0, check
+        info = eng.info()
+        assert info["max_batch_size"] == 1 and "not batch-invariant" in info["warning"]
+        ids = _ids(eng, "Count from 1 to 20, separated by commas.")
+        params = SamplingParams(max_tokens=24, temperature=0)
+
+        async def crowded() -> list[int]:
+            busy = [_run(eng, _ids(eng, f"Write a story about {k}."), params, f"b{k}") for k in range(3)]
+            return (await asyncio.gather(*busy, _run(eng, ids, params, "x")))[-1][0]
+
+        alone = asyncio.run(_run(eng, ids, params, "alone"))[0]
+        assert asyncio.run(crowded()) == alone
+
+
 def test_waiting_requests_and_close(llm_dirs: dict[str, str]) -> None:
     from maas_ray.serve.llm import LlamaCppEngine
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 FinishReason = Literal["stop", "length"]
 
@@ -94,6 +94,12 @@ class GenerationEngine(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> dict[str, int]:
         """``{"running": ..., "waiting": ...}`` sequences right now."""
+
+    def info(self) -> dict[str, Any]:
+        """What ``/v1/models`` shows of the engine serving a model: its name, batch size,
+        and ``warning`` when it serves in a degraded way (and why)."""
+        return {"engine": type(self).__name__, "max_batch_size": getattr(self, "max_batch_size", None),
+                "warning": None}
 
     def close(self) -> None:  # noqa: B027 - optional for backends without threads
         """Stop the scheduler and fail requests in flight; the engine is unusable after."""

@@ -36,6 +36,14 @@ tokens depend on what else runs, and both are avoided:
   last two reorder; outputs can then differ from a lone run where two logits
   are nearly tied.
 
+Weights stay in llama.cpp's plain CPU buffers. Its "extra" buffer types
+(AMX tiles on Intel Xeons, repacked Q4_0/Q4_K layouts) run one-row matmuls
+with other kernels than many-row ones; on AMX CPUs that made batched greedy
+output diverge, into garbage. And since no test on one machine covers every
+CPU, the engine checks the one it runs on when it loads
+(:mod:`maas_ray.serve.llm.batch_check`): if a request's logits alone and in a
+batch differ, it says so loudly and decodes one request at a time.
+
 Admission reserves ``prompt + max_tokens`` KV cells per request and never
 overcommits ``kv_cells``, so a running request never fails for lack of cache.
 
@@ -58,6 +66,7 @@ from typing import Any
 
 import numpy as np
 
+from maas_ray.serve.llm.batch_check import BatchCheck
 from maas_ray.serve.llm.batching import BatchingEngine, Request
 
 logger = logging.getLogger(__name__)
@@ -110,6 +119,35 @@ def _route_logs(lib: Any) -> None:
     lib.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
+class _BuftOverride(ctypes.Structure):
+    """``struct llama_model_tensor_buft_override`` (the binding declares ``buft`` as an int)."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def plain_weight_buffers(lib: Any, mparams: Any) -> Any:
+    """Keep every weight in the plain CPU buffer type, off AMX and repacked layouts.
+
+    llama.cpp from 2025-08 has ``use_extra_bufts``; before it, one tensor override
+    matching every name does the same (``--override-tensor '.=CPU'``). Returns
+    what must stay alive until the model is loaded.
+    """
+    if hasattr(mparams, "use_extra_bufts"):
+        mparams.use_extra_bufts = False
+        return None
+    lib_dir = Path(lib.__file__).parent / "lib"
+    found = sorted(lib_dir.glob("libggml-cpu.*")) or sorted(lib_dir.glob("libggml.*"))
+    if not found:
+        logger.warning("llama.cpp: no libggml-cpu in %s; weights may use extra buffer types", lib_dir)
+        return None
+    cpu = ctypes.CDLL(str(found[0]))  # already loaded by llama_cpp: the same handle
+    cpu.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
+    overrides = (_BuftOverride * 2)(_BuftOverride(b".", cpu.ggml_backend_cpu_buffer_type()),
+                                    _BuftOverride(None, None))
+    mparams.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+    return overrides
+
+
 @dataclass(eq=False)
 class _Slot:
     """What a running request holds in llama.cpp."""
@@ -130,13 +168,15 @@ class LlamaCppEngine(BatchingEngine):
     (default: the CPUs this process may use). ``retired_cells_max``: finished
     requests' cells kept (see the module doc) beyond the live ones before
     they are freed while others still run. ``flash_attn=False`` trades
-    batch-independent greedy output for llama.cpp's matmul attention.
+    batch-independent greedy output for llama.cpp's matmul attention (the
+    self-check then finds the difference and the engine decodes one request at
+    a time). ``self_check=False`` skips the load-time batch check (~1 s).
     """
 
     def __init__(self, gguf_path: Path | str, tokenizer_dir: Path | str | None = None,
                  max_batch_size: int = 16, prefill_tokens_per_step: int = 512,
                  kv_cells: int = 16384, n_threads: int | None = None, flash_attn: bool = True,
-                 retired_cells_max: int = 2048) -> None:
+                 retired_cells_max: int = 2048, self_check: bool = True) -> None:
         super().__init__(max_batch_size)
         self._lib = load_llama_cpp()
         self.gguf_path = Path(gguf_path)
@@ -147,6 +187,9 @@ class LlamaCppEngine(BatchingEngine):
         self.flash_attn = flash_attn
         self.retired_cells_max = retired_cells_max
         self.n_threads = n_threads or len(os.sched_getaffinity(0))
+        self.self_check = self_check
+        self.batch_check: BatchCheck | None = None
+        self.warning: str | None = None
         self.tokenizer, hf_eos = _hf_tokenizer(self.gguf_path, tokenizer_dir)
         self._hf_eos = hf_eos
         self._free_ids = list(range(max_batch_size))
@@ -161,6 +204,7 @@ class LlamaCppEngine(BatchingEngine):
         lib = self._lib
         lib.llama_backend_init()
         mparams = lib.llama_model_default_params()
+        self._overrides = plain_weight_buffers(lib, mparams)  # kept alive: read during the load
         self._model = lib.llama_model_load_from_file(str(self.gguf_path).encode(), mparams)
         if not self._model:
             raise ValueError(f"llama.cpp could not load {self.gguf_path} (not a GGUF model it supports)")
@@ -192,6 +236,33 @@ class LlamaCppEngine(BatchingEngine):
         self._b_logits = np.ctypeslib.as_array(self._batch.logits, shape=(cap,))
         self._b_seq = [self._batch.seq_id[i] for i in range(cap)]
         self._b_nseq[:] = 1
+        self._check_batching()
+
+    def _check_batching(self) -> None:
+        """Run the batch self-check; fall back to one request at a time if it fails."""
+        from maas_ray.serve.llm.batch_check import check_batch_invariance
+
+        if self.max_batch_size < 2 or not self.self_check:
+            return
+        self.batch_check = check_batch_invariance(self)
+        if self.batch_check.batch_invariant:
+            logger.info("llama.cpp batch self-check passed for %s (%.2f s)", self.gguf_path.name,
+                        self.batch_check.seconds)
+            return
+        self.warning = (
+            f"llama.cpp on this machine is not batch-invariant for {self.gguf_path.name}: a request's "
+            f"logits changed by up to {self.batch_check.max_logit_diff:.3g} when others ran beside it "
+            f"(greedy tokens {'agree' if self.batch_check.tokens_agree else 'DIFFER'}). Serving one "
+            "request at a time (max_batch_size 1) so answers stay correct; rebuild llama-cpp-python "
+            "as the README says, or serve this model with the transformers engine.")
+        logger.error("BATCH SELF-CHECK FAILED: %s", self.warning)
+        self.max_batch_size = 1
+        self._free_ids = [0]
+
+    def info(self) -> dict[str, Any]:
+        return {"engine": "llama.cpp", "max_batch_size": self.max_batch_size,
+                "batch_check": self.batch_check.as_dict() if self.batch_check else None,
+                "warning": self.warning}
 
     def _shutdown(self) -> None:
         lib = self._lib

@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -196,6 +197,9 @@ class TransformersEngine(GenerationEngine):
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"running": len(self._running), "waiting": len(self._waiting)}
+
+    def info(self) -> dict[str, Any]:
+        return {"engine": "transformers", "max_batch_size": self.max_batch_size, "warning": None}
 
     def close(self) -> None:
         if self._closed.is_set():

@@ -50,6 +50,8 @@ async def open_stream(ctx: ServiceContext, mv: ModelVersion, prompt: Any,
     if "error" in first:
         stream.cancel()
         raise APIError(400, first["error"], first.get("param"), first.get("code", "invalid_value"))
+    if first.get("engine"):
+        ctx.engines[mv.id] = first["engine"]
     return stream, int(first["prompt_tokens"])
 
 

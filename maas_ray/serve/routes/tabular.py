@@ -43,6 +43,10 @@ class ModelCard(BaseModel):
     task: str | None = None
     version: int | None = None
     versions: list[int] | None = None
+    engine: dict[str, Any] | None = Field(default=None, description=(
+        "Chat models, once served through this ingress replica: the engine (`engine`), its "
+        "`max_batch_size`, the llama.cpp batch self-check (`batch_check`) and a `warning` when "
+        "it serves in a degraded way, e.g. one request at a time because batching changed answers."))
 
 
 class ModelList(BaseModel):
@@ -62,7 +66,7 @@ async def list_models() -> ModelList:
             continue
         data.append(ModelCard(id=name, created=int(mv.card.get("created_at", time.time())),
                               owned_by=str(mv.card.get("owned_by", "maas")), task=mv.task,
-                              version=mv.version, versions=versions))
+                              version=mv.version, versions=versions, engine=ctx.engines.get(mv.id)))
     return ModelList(data=data)
 
 
@@ -72,7 +76,8 @@ async def get_model(model_id: str) -> ModelCard:
     mv = ctx.resolve(model_id)
     return ModelCard(id=model_id, created=int(mv.card.get("created_at", 0)),
                      owned_by=str(mv.card.get("owned_by", "maas")), task=mv.task,
-                     version=mv.version, versions=ctx.registry.versions(mv.name))
+                     version=mv.version, versions=ctx.registry.versions(mv.name),
+                     engine=ctx.engines.get(mv.id))
 
 
 @router.post("/v1/models/{model_id}/predict", response_model=PredictResponse,
