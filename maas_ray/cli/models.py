@@ -158,7 +158,9 @@ def import_(
 @user_errors
 def export_gguf(
     model: Annotated[str, typer.Argument(help="name (latest) or name:version of a chat model")],
-    outtype: Annotated[str, typer.Option(help="f32 (exact) | f16 | q8_0 (smallest, fastest on CPU)")] = "f16",
+    outtype: Annotated[str, typer.Option(
+        help="q8_0 (default: smallest, fastest on CPU, batched) | f16 | f32 (closest to the "
+             "transformers engine; served one request at a time on the default llama.cpp build)")] = "q8_0",
     storage: StorageOpt = None,
 ) -> None:
     """Publish a new version of MODEL with GGUF weights added, so llama.cpp serves it."""

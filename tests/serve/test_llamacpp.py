@@ -23,7 +23,7 @@ CHAT = "smollm2-135m-instruct"
 def engine(llm_dirs: dict[str, str]):
     from maas_ray.serve.llm import LlamaCppEngine
 
-    folder = Path(llm_dirs[CHAT])  # the base version keeps its Q4_1 GGUF as model.gguf
+    folder = Path(llm_dirs[CHAT])  # the base version keeps its q8_0 GGUF as model.gguf
     with LlamaCppEngine(folder / "model.gguf", tokenizer_dir=folder, max_batch_size=4) as eng:
         yield eng
 

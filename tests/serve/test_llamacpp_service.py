@@ -33,7 +33,7 @@ MAX_TOKENS = [40, 24, 32, 40, 24, 32, 40, 24, 32]
 @pytest.fixture(scope="module")
 def gguf_model(llm_home: str) -> str:
     """The base version as a GGUF-only version (what `maas models import X.gguf --weights gguf`
-    publishes): its Q4_1 file, tokenizer and configs, without safetensors."""
+    publishes): its q8_0 file, tokenizer and configs, without safetensors."""
     registry = Registry(llm_home)
     if registry.versions(GGUF_CHAT):
         return registry.get(GGUF_CHAT).id
@@ -60,12 +60,27 @@ def client(serve_url: str) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def llama_cpp_python(gguf_model: str, llm_home: str):
     """llama-cpp-python's own high-level ``Llama`` on the same file, with the engine's
-    settings (flash attention), answering one request at a time."""
+    settings (flash attention, weights in plain CPU buffers: on AMX CPUs llama.cpp's default
+    AMX buffers round differently), answering one request at a time."""
+    import llama_cpp.llama_cpp as low
     from llama_cpp import Llama
+
+    from maas_ray.serve.llm.llamacpp_engine import plain_weight_buffers
 
     registry = Registry(llm_home)
     path = registry.local_dir(registry.get(gguf_model)) / "model.gguf"
-    llm = Llama(model_path=str(path), n_ctx=2048, n_threads=2, flash_attn=True, verbose=False)
+    default_params, keep = low.llama_model_default_params, []
+
+    def plain_params():  # what Llama() asks for, with our buffer choice
+        params = default_params()
+        keep.append(plain_weight_buffers(low, params))
+        return params
+
+    low.llama_model_default_params = plain_params
+    try:
+        llm = Llama(model_path=str(path), n_ctx=2048, n_threads=2, flash_attn=True, verbose=False)
+    finally:
+        low.llama_model_default_params = default_params
 
     def greedy(messages: list[dict[str, str]], n: int) -> dict:
         return llm.create_chat_completion(messages, temperature=0, max_tokens=n)
@@ -122,6 +137,10 @@ def test_greedy_equals_llama_cpp_python_alone_and_with_8_concurrent(client, gguf
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.choices[0].message.content == w["choices"][0]["message"]["content"], f"request {i} diverged"
         assert _usage(g) == w["usage"] and g.choices[0].finish_reason == w["choices"][0]["finish_reason"]
+    # The ingress shows which engine served the model and what its batch self-check found.
+    engine = httpx.get(f"{client.base_url}models/{gguf_model}", timeout=10).json()["engine"]
+    assert engine["engine"] == "llama.cpp" and engine["warning"] is None, engine
+    assert engine["batch_check"]["batch_invariant"] and engine["max_batch_size"] > 1, engine
 
 
 def test_routes_behave_the_same_on_both_engines(client, gguf_model) -> None:
@@ -155,7 +174,7 @@ def test_routes_behave_the_same_on_both_engines(client, gguf_model) -> None:
                 client.chat.completions.create(**{"model": model, "messages": QUESTION, **kwargs})
             errors[next(iter(kwargs))] = {k: v for k, v in info.value.body.items() if k != "message"}
             errors[next(iter(kwargs))]["message"] = info.value.body["message"].replace(model, "MODEL")
-        # What does not depend on the weights (Q4_1 here, its fp32 dequantisation there).
+        # What does not depend on the weights (q8_0 here, its fp32 dequantisation there).
         return {"prompt_tokens": full.usage.prompt_tokens, "errors": errors}
 
     on_transformers, on_llama_cpp = check(f"{CHAT}:1"), check(gguf_model)
