@@ -13,6 +13,7 @@ from rich.console import Console
 from maas_ray.config import SpecError
 from maas_ray.data import DataError
 from maas_ray.registry import InvalidModelName, ModelNotFound, TamperedModel
+from maas_ray.train.resources import InsufficientResources
 
 console = Console()
 err_console = Console(stderr=True)
@@ -32,7 +33,7 @@ AddressOpt = Annotated[
 
 # Errors that mean "the user must change something": one line, exit code 2.
 USER_ERRORS = (SpecError, DataError, ModelNotFound, InvalidModelName, TamperedModel,
-               FileNotFoundError, FileExistsError)
+               InsufficientResources, FileNotFoundError, FileExistsError)
 
 
 def user_errors(fn: F) -> F:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from maas_ray.cli import app
@@ -42,3 +43,20 @@ def test_models_on_empty_registry_and_unknown_model(tmp_path: Path) -> None:
     result = runner.invoke(app, ["models", "show", "ghost", "--storage", str(tmp_path)])
     assert result.exit_code == 2
     assert "ghost" in result.output
+
+
+def test_a_job_that_cannot_fit_is_a_one_line_cli_error(capsys) -> None:
+    """`maas train` on a cluster too small: exit 2 and the message, not a traceback."""
+    import typer
+
+    from maas_ray.cli.common import user_errors
+    from maas_ray.train.resources import InsufficientResources
+
+    @user_errors
+    def train() -> None:
+        raise InsufficientResources("needs 1 CPU per worker × 2 workers; the cluster has 0.5 CPU free of 2")
+
+    with pytest.raises(typer.Exit) as info:
+        train()
+    assert info.value.exit_code == 2
+    assert "needs 1 CPU per worker" in capsys.readouterr().err
