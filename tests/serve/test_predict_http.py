@@ -165,3 +165,21 @@ def test_admin_routes_need_an_admin_key_even_with_auth_off(client: httpx.Client,
     assert r.status_code == 403 and "admin key" in r.json()["error"]["message"]
     r = client.get("/v1/admin/keys", headers={"Authorization": f"Bearer {admin_key}"})
     assert r.status_code == 200 and {"open-tenant", "ops"} <= {k["tenant"] for k in r.json()["data"]}
+
+
+def test_json_check_is_linear_case_blind_and_never_stalls_the_front_door(client: httpx.Client) -> None:
+    """The depth check runs before any key is checked, on any path. An unterminated string of
+    escaped quotes made its string-stripping regex quadratic (32 KB held the ingress event loop
+    for 4.6 s, /healthz included); near the test app's 64 KiB body limit that was ~20 s. It must
+    answer at once, and a content type in capitals must not skip it."""
+    import concurrent.futures as cf
+
+    evil = b'{"a": "' + b'\\"' * 30_000  # ~60 KB, unterminated
+    with cf.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(client.post, "/healthz", content=evil, timeout=5,
+                           headers={"content-type": "application/json"})
+        assert client.get("/healthz", timeout=5).status_code == 200
+        assert 400 <= slow.result().status_code < 500
+    r = client.post("/v1/models/diabetes-linear/predict", content=b'{"inputs": ' + b"[" * 40 + b"]" * 40 + b"}",
+                    headers={"content-type": "Application/JSON"}, timeout=5)
+    assert r.status_code == 400 and "nests deeper than 32" in r.json()["error"]["message"]
