@@ -28,7 +28,7 @@ from maas_ray import db
 
 PREFIX = "maas"
 _ITERATIONS = 120_000
-_KEY_RE = re.compile(r"^maas-([0-9a-f]{16})-([A-Za-z0-9_\-]{20,128})$")
+_KEY_RE = re.compile(r"maas-([0-9a-f]{16})-([A-Za-z0-9_\-]{20,128})")  # fullmatch: `$` passes "...\n"
 _UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
           "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
 DEFAULT_RATE = "60/min"
@@ -78,7 +78,8 @@ class RateLimit:
 
 def parse_rate(text: str) -> RateLimit:
     """``60/min``, ``10/s``, ``1000/hour``, ``5000/day``."""
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*([a-z]+)\s*", text or "")
+    # [0-9], not \d: \d takes any Unicode digit ("٣"), and nine of them keep N in a 32-bit column.
+    m = re.fullmatch(r"\s*([0-9]{1,9})\s*/\s*([a-z]+)\s*", text or "")
     if not m or m.group(2) not in _UNITS or int(m.group(1)) < 1:
         raise ValueError(f"rate {text!r}: expected N/unit with N >= 1 and unit one of s, min, hour, day "
                          "(e.g. 60/min)")
@@ -121,7 +122,7 @@ class Denied(Exception):
 
 
 def split_key(key: str) -> tuple[str, str]:
-    m = _KEY_RE.match(key or "")
+    m = _KEY_RE.fullmatch(key or "")
     if not m:
         raise AuthError("malformed API key")
     return m.group(1), m.group(2)

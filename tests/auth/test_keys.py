@@ -16,7 +16,8 @@ from maas_ray.cli import app
 def test_rates_parse_and_bad_ones_name_the_problem() -> None:
     assert (parse_rate("60/min").requests, parse_rate("60/min").window_s) == (60, 60)
     assert parse_rate("10/s").window_s == 1 and parse_rate("5/day").window_s == 86400
-    for bad in ("", "0/min", "ten/min", "5/fortnight", "5"):
+    # Unicode digits and out-of-range counts are refused too (issue 14, item 10).
+    for bad in ("", "0/min", "ten/min", "5/fortnight", "5", "٣/min", "9999999999/min"):
         with pytest.raises(ValueError, match="N/unit"):
             parse_rate(bad)
 
@@ -26,7 +27,7 @@ def test_keys_verify_revoke_and_are_stored_only_hashed(tmp_path: Path) -> None:
     key, secret = store.create("acme", rate="3/min")
     assert store.authenticate(secret).tenant == "acme"
     assert KeyStore(str(tmp_path)).authenticate(secret).id == key.id  # a fresh process verifies the hash
-    for wrong in ("", "maas-nope", secret[:-1] + ("a" if secret[-1] != "a" else "b")):
+    for wrong in ("", "maas-nope", secret[:-1] + ("a" if secret[-1] != "a" else "b"), secret + "\n"):
         with pytest.raises(AuthError):
             store.authenticate(wrong)
     dump = "\n".join(sqlite3.connect(tmp_path / "maas.db").iterdump())
