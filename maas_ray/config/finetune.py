@@ -12,9 +12,10 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from maas_ray.config.specs import ScalingSpec, _Spec
+from maas_ray.config.specs import MAX_SEED, ScalingSpec, _Spec
 
-_SUFFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Matched whole (fullmatch): with `$`, "name\n" passed and the job failed only at publish.
+_SUFFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class Hyperparameters(_Spec):
@@ -33,10 +34,10 @@ class LoraSpec(_Spec):
     """Low-rank adapters (peft): only these small matrices train."""
 
     r: int = Field(default=8, ge=1, le=256, description="Adapter rank.")
-    alpha: int = Field(default=16, ge=1, description="Scaling numerator (alpha / r).")
+    alpha: int = Field(default=16, ge=1, le=4096, description="Scaling numerator (alpha / r).")
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on adapter inputs.")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], max_length=64,
         description="Module names that get adapters.")
 
 
@@ -59,13 +60,13 @@ class FineTuneSpec(_Spec):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters,
                                              description="Epochs, batch size, learning rate.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter shape (method: lora).")
-    seed: int | None = Field(default=None, ge=0, description="Seeds shuffling and initialisation;"
-                             " random when omitted.")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Seeds shuffling and "
+                             "initialisation (0 to 2**31 - 1); random when omitted.")
     max_seq_length: int = Field(default=512, ge=8, le=32768, description="Longest example in "
                                 "tokens; a longer one fails validation with its line number.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024, description="Micro-batches "
                                              "summed into one optimizer step.")
-    checkpoint_every_epochs: int = Field(default=1, ge=1, description="Checkpoint period.")
+    checkpoint_every_epochs: int = Field(default=1, ge=1, le=50, description="Checkpoint period.")
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers.")
     export_gguf: Literal["f32", "f16", "q8_0"] | None = Field(
         default=None, description="Chat models: also write the result as GGUF of this type, so the "
@@ -74,7 +75,7 @@ class FineTuneSpec(_Spec):
     @field_validator("suffix")
     @classmethod
     def _valid_suffix(cls, value: str | None) -> str | None:
-        if value is not None and not _SUFFIX_RE.match(value):
+        if value is not None and not _SUFFIX_RE.fullmatch(value):
             raise ValueError("suffix must be 1-64 letters, digits, '.', '_' or '-', "
                              "not starting with '.', '_' or '-'")
         return value

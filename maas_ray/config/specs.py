@@ -13,6 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from maas_ray.registry.refs import validate_name
 
 
+# Seeds fit 32 bits signed: the job database stores them, and every RNG we seed (torch, numpy,
+# Ray Data's shuffle) takes them; unbounded, 2**64 passed validation and failed in the database.
+MAX_SEED = 2**31 - 1
+
+
 class _Spec(BaseModel):
     # Our own config rejects unknown keys: a typo must fail loudly, not be ignored.
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -41,7 +46,7 @@ class DataSpec(_Spec):
         default=0.15, ge=0.0, lt=1.0, description="Share of rows held out for the final test metrics."
     )
     split_seed: int = Field(
-        default=0, ge=0, description="Seed of the row-hash split; same seed, same split."
+        default=0, ge=0, le=MAX_SEED, description="Seed of the row-hash split; same seed, same split."
     )
     standardize: bool = Field(
         default=True, description="Standardise features (and a regression target) with train-split mean/std."
@@ -65,15 +70,15 @@ class ModelSpec(_Spec):
         default="linear", description="'linear' (one affine layer) or 'mlp'."
     )
     hidden_sizes: list[int] = Field(
-        default_factory=lambda: [64, 64],
-        description="MLP hidden layer widths (ignored for 'linear').",
+        default_factory=lambda: [64, 64], max_length=64,
+        description="MLP hidden layer widths, 1 to 65536 each (ignored for 'linear').",
     )
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="MLP dropout probability.")
 
     @model_validator(mode="after")
     def _positive_widths(self) -> ModelSpec:
-        if any(h <= 0 for h in self.hidden_sizes):
-            raise ValueError(f"hidden_sizes must all be positive, got {self.hidden_sizes}")
+        if any(not 0 < h <= 65_536 for h in self.hidden_sizes):
+            raise ValueError(f"hidden_sizes must all be 1 to 65536, got {self.hidden_sizes}")
         return self
 
 
@@ -81,17 +86,17 @@ class TrainingSpec(_Spec):
     """The optimisation loop."""
 
     epochs: int = Field(default=20, ge=1, le=100_000, description="Passes over the training split.")
-    batch_size: int = Field(default=32, ge=1, description="Rows per step on each worker.")
+    batch_size: int = Field(default=32, ge=1, le=2**20, description="Rows per step on each worker.")
     optimizer: Literal["sgd", "adam", "adamw"] = Field(default="sgd", description="Optimizer.")
     learning_rate: float = Field(default=0.01, gt=0.0, description="Step size.")
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0, description="SGD momentum.")
     weight_decay: float = Field(default=0.0, ge=0.0, description="L2 penalty.")
-    seed: int = Field(default=0, ge=0, description="Seed for weight init and shuffling.")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed for weight init and shuffling.")
     checkpoint_every_epochs: int = Field(
-        default=1, ge=1, description="Write a checkpoint to the run's storage every N epochs."
+        default=1, ge=1, le=100_000, description="Write a checkpoint to the run's storage every N epochs."
     )
     max_failures: int = Field(
-        default=0, ge=-1, description="Worker/node failures to survive by restarting from the "
+        default=0, ge=-1, le=1000, description="Worker/node failures to survive by restarting from the "
         "latest checkpoint (-1: unlimited)."
     )
     run_name: str | None = Field(
@@ -104,8 +109,8 @@ class TrainingSpec(_Spec):
 class WorkerRange(_Spec):
     """Elastic worker count: start with what is available, grow up to ``max``."""
 
-    min: int = Field(ge=1, description="Fewest workers training may run with.")
-    max: int = Field(ge=1, description="Most workers training grows to when resources appear.")
+    min: int = Field(ge=1, le=4096, description="Fewest workers training may run with.")
+    max: int = Field(ge=1, le=4096, description="Most workers training grows to when resources appear.")
 
     @model_validator(mode="after")
     def _ordered(self) -> WorkerRange:
@@ -117,7 +122,7 @@ class WorkerRange(_Spec):
 class ScalingSpec(_Spec):
     """How many workers and what each gets."""
 
-    num_workers: Annotated[int, Field(ge=1)] | WorkerRange = Field(
+    num_workers: Annotated[int, Field(ge=1, le=4096)] | WorkerRange = Field(
         default=1,
         description="Data-parallel training workers: a number, or {min, max} for elastic "
         "training that resizes as nodes come and go (restarting from the latest checkpoint).",

@@ -2,7 +2,11 @@
 
 Fine-tuned chat models follow OpenAI's ``ft:{base}:{suffix}:{job_id}``; their
 colons are part of the name, so a version is only the last ``:`` part when it
-is all digits.
+is all ASCII digits (at most 18: it fits a signed 64-bit integer).
+
+Every pattern here is matched whole (``fullmatch``): ``$`` would also match before
+a trailing newline, and ``str.isdigit`` accepts digits such as ``²`` that ``int``
+then refuses.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from dataclasses import dataclass
 # Letters, digits, '.', '_', '-'; must not start with '.' so no name can walk out
 # of the models folder ('..') or hide as a temp folder.
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-_NAME_RE = re.compile(rf"^(?:ft:{_PART}:{_PART}:{_PART}|{_PART})$")
+_NAME_RE = re.compile(rf"ft:{_PART}:{_PART}:{_PART}|{_PART}")
+_VERSION_RE = re.compile(r"[0-9]{1,18}")
 
 
 class InvalidModelName(ValueError):
@@ -22,7 +27,7 @@ class InvalidModelName(ValueError):
 
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a legal model name, else raise :class:`InvalidModelName`."""
-    if not _NAME_RE.match(name) or ".." in name:
+    if not _NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidModelName(
             f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' "
             "(at most 128, not starting with '.'), or 'ft:{base}:{suffix}:{job_id}'"
@@ -41,7 +46,7 @@ class ModelRef:
     def parse(cls, model_id: str) -> ModelRef:
         model_id = model_id.strip()
         head, sep, tail = model_id.rpartition(":")
-        if sep and tail.isdigit() and _NAME_RE.match(head) and ".." not in head:
+        if sep and _VERSION_RE.fullmatch(tail) and _NAME_RE.fullmatch(head) and ".." not in head:
             return cls(head, int(tail))
         return cls(validate_name(model_id), None)
 

@@ -76,3 +76,37 @@ def test_elastic_worker_range() -> None:
     spec = parse_spec({**GOOD, "scaling": {"num_workers": {"min": 1, "max": 2}}})
     assert spec.scaling.ray_num_workers() == (1, 2)
     assert parse_spec(GOOD).scaling.ray_num_workers() == 1
+
+
+@pytest.mark.parametrize("suffix", ["mine\n", "mine\r\n", "-x", "é", "x" * 65, ""])
+def test_fine_tune_suffix_is_matched_whole(suffix: str) -> None:
+    """``$`` matched before a trailing newline: "mine\\n" passed and the job trained fully
+    before publishing failed on the name (issue 14, item 10)."""
+    from pydantic import ValidationError
+
+    from maas_ray.config import FineTuneSpec
+
+    with pytest.raises(ValidationError, match="suffix"):
+        FineTuneSpec(base_model="m", training_file="file-x", suffix=suffix)
+    assert FineTuneSpec(base_model="m", training_file="file-x", suffix="my-run.2").suffix == "my-run.2"
+
+
+@pytest.mark.parametrize(("patch", "needle"), [
+    ({"training": {"seed": 2**64}}, "training.seed"),
+    ({"data": {"source": "t.csv", "target": "y", "split_seed": 2**70}}, "data.split_seed"),
+    ({"training": {"batch_size": 2**80}}, "training.batch_size"),
+    ({"scaling": {"num_workers": 2**63}}, "scaling.num_workers"),
+    ({"model": {"kind": "mlp", "hidden_sizes": [2**40]}}, "hidden_sizes"),
+])
+def test_numbers_have_upper_bounds(patch: dict, needle: str) -> None:
+    """Every integer a spec takes is bounded: 2**64 used to pass and fail later (a database
+    column, an RNG) instead of naming the field (issue 14, item 9)."""
+    with pytest.raises(SpecError) as err:
+        parse_spec({**GOOD, **patch})
+    assert needle in str(err.value)
+    from pydantic import ValidationError
+
+    from maas_ray.config import FineTuneSpec
+
+    with pytest.raises(ValidationError, match="seed"):
+        FineTuneSpec(base_model="m", training_file="file-x", seed=2**64)
