@@ -16,6 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 logger = logging.getLogger(__name__)
 
+# Every integer has bounds here, where clients can read them in the schema: unbounded, a seed
+# of 2**70 reached torch's generator and came back as a 500.
+INT64 = 2**63
+MAX_NEW_TOKENS = 1_000_000  # far past any context we serve; the engine cuts at its own
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -56,12 +61,13 @@ class SamplingFields(_Request):
     """Sampling parameters shared by chat and completions."""
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, gt=0, description="Most new tokens.")
+    max_tokens: int | None = Field(default=None, gt=0, le=MAX_NEW_TOKENS, description="Most new tokens.")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # A signed 64-bit seed, as OpenAI documents it; choice i samples with seed + i.
+    seed: int | None = Field(default=None, ge=-INT64, le=INT64 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -80,7 +86,7 @@ class SamplingFields(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
-    max_completion_tokens: int | None = Field(default=None, gt=0)
+    max_completion_tokens: int | None = Field(default=None, gt=0, le=MAX_NEW_TOKENS)
 
     def new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -108,7 +114,7 @@ class EmbeddingRequest(_Request):
     model: str = Field(min_length=1)
     input: str | list[str] = Field(description="A string or a list of up to 2048 strings.")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, gt=0)
+    dimensions: int | None = Field(default=None, gt=0, le=65_536)
     user: str | None = None
 
     @field_validator("input")

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from maas_ray.config.finetune import FineTuneSpec
+from maas_ray.config.finetune import FineTuneSpec, Hyperparameters, LoraSpec
 from maas_ray.config.load import format_validation_error
 from maas_ray.finetune.jobs import JobConflict, JobNotFound, JobRejected
 from maas_ray.serve.context import get_context, tenant_of
@@ -22,23 +22,32 @@ from maas_ray.serve.errors import APIError, documented
 from maas_ray.serve.routes.files import database_errors, job_service, not_found
 
 router = APIRouter(tags=["fine-tuning"])
+# Pydantic matches patterns with Rust's regex engine, where `$` is the end of the text only.
+EVENT_ID = r"^ftevent-[0-9]{1,18}$"  # an integer row id that fits 64 bits, in ASCII digits
 
 Auto = Literal["auto"]
 
 
+def like(spec: type[BaseModel], name: str) -> Any:
+    """The type of ``spec.name`` with its bounds, so the request schema shows the spec's limits
+    instead of a second hand-written copy of them."""
+    info = spec.model_fields[name]
+    return Annotated[(info.annotation, *info.metadata)]
+
+
 class HyperparametersIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    n_epochs: int | Auto | None = None
-    batch_size: int | Auto | None = None
-    learning_rate_multiplier: float | Auto | None = None
+    n_epochs: like(Hyperparameters, "n_epochs") | Auto | None = None
+    batch_size: like(Hyperparameters, "batch_size") | Auto | None = None
+    learning_rate_multiplier: like(Hyperparameters, "learning_rate_multiplier") | Auto | None = None
 
 
 class MethodOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hyperparameters: HyperparametersIn | None = None
-    r: int | None = None
-    alpha: int | None = None
-    dropout: float | None = None
+    r: like(LoraSpec, "r") | None = None
+    alpha: like(LoraSpec, "alpha") | None = None
+    dropout: like(LoraSpec, "dropout") | None = None
     target_modules: list[str] | None = Field(default=None, max_length=64)
 
 
@@ -55,7 +64,7 @@ class CreateJob(BaseModel):
     training_file: str = Field(description="Id of an uploaded file (purpose fine-tune).")
     validation_file: str | None = None
     suffix: str | None = None
-    seed: int | None = None
+    seed: like(FineTuneSpec, "seed") = None
     hyperparameters: HyperparametersIn | None = None
     method: MethodIn | None = None
     export_gguf: Literal["f32", "f16", "q8_0"] | None = Field(
@@ -126,7 +135,9 @@ def get_job(request: Request, job_id: str) -> dict[str, Any]:
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events", responses=documented(404))
 @database_errors
-def job_events(request: Request, job_id: str, after: str | None = None,
+def job_events(request: Request, job_id: str,
+               after: Annotated[str | None, Query(pattern=EVENT_ID, description="An event id "
+                                                  "(ftevent-...): list the events before it.")] = None,
                limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict[str, Any]:
     try:
         data, more = jobs().events(job_id, tenant_of(request), after, limit)

@@ -7,7 +7,7 @@ classifiers, ``probabilities`` ``[N, C]``. Errors are ``{"error": "..."}``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter
@@ -29,7 +29,8 @@ _NUMERIC = {"FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64",
 class Tensor(BaseModel):
     model_config = ConfigDict(extra="allow")  # OIP allows extension fields
     name: str
-    shape: list[int] = Field(min_length=1, max_length=8)
+    # Bounded per dimension: [0, 2**70] fills with no data and used to reach numpy as a 500.
+    shape: list[Annotated[int, Field(ge=-1, le=2**31 - 1)]] = Field(min_length=1, max_length=8)
     datatype: str
     data: list[Any] = Field(max_length=1_000_000)
     parameters: dict[str, Any] | None = None
