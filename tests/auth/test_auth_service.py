@@ -17,44 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, session_app_args
+from tests.auth.conftest import APP, CHAT, CONSOLE, EMBEDDER, assert_openai_error, bearer
+from tests.conftest import REPO
 
 pytestmark = [pytest.mark.integration]
-
-APP = "maas-auth"
-EMBEDDER = "all-minilm-l6-v2"
-CHAT = "smollm2-135m-instruct"
-CONSOLE = "https://console.example"  # the one origin this app allows (CORS)
-
-
-@pytest.fixture(scope="module")
-def auth_url(serve_url: str, maas_home: str, llm_dirs) -> str:
-    from ray import serve
-
-    from maas_ray.serve.app import build_app
-
-    args = {**session_app_args(maas_home), "auth": "on", "access_log": True, "cors_origins": [CONSOLE],
-            "deployments": {"Ingress": {"num_replicas": 2}}}
-    serve.run(build_app(args), name=APP, route_prefix="/auth")
-    yield f"{serve_url}/auth"
-    serve.delete(APP)
-
-
-@pytest.fixture(scope="module")
-def keys(maas_home: str):
-    from maas_ray.auth import KeyStore
-
-    return KeyStore(maas_home)
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def assert_openai_error(r: httpx.Response, status: int, kind: str) -> None:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert err["type"] == kind and err["message"]
 
 
 def test_requests_without_a_good_key_get_401(auth_url: str, keys) -> None:
