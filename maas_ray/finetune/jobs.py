@@ -25,10 +25,10 @@ from sqlalchemy import select, update
 
 from maas_ray import db, storage
 from maas_ray.config.finetune import FineTuneSpec
-from maas_ray.finetune.files import DEFAULT_TENANT, FileNotFound, FileStore
+from maas_ray.finetune.files import FileNotFound, FileStore
 from maas_ray.finetune.formats import DataFormatError, FileSummary, check_for_task
-from maas_ray.registry import Registry
-from maas_ray.registry.store import ModelNotFound
+from maas_ray.registry import ModelNotFound, Registry
+from maas_ray.tenancy import DEFAULT_TENANT, owns, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -230,8 +230,8 @@ class JobService:
     def create(self, spec: FineTuneSpec, tenant: str = DEFAULT_TENANT, submit: bool = True) -> dict[str, Any]:
         """Check references, record the job, and submit its Ray job (unless ``submit`` is
         False: the caller runs :func:`maas_ray.finetune.runner.run_job` itself)."""
-        try:
-            base = self.registry.get(spec.base_model)
+        try:  # another tenant's fine-tuned model is no base: its weights are theirs
+            base = resolve_model(self.registry.get, spec.base_model, tenant)
         except ModelNotFound as err:
             raise JobRejected(f"base model: {err}", "model") from None
         if base.card.get("format") == "peft-lora":
@@ -277,7 +277,7 @@ class JobService:
     # -- reading --------------------------------------------------------------
     def _row(self, s: Any, job_id: str, tenant: str) -> db.JobRow:
         row = s.get(db.JobRow, job_id)
-        if row is None or row.tenant != tenant:
+        if not owns(row, tenant):
             raise JobNotFound(f"no such fine-tuning job: {job_id!r}")
         return row
 
@@ -313,7 +313,7 @@ class JobService:
             q = select(db.JobRow).where(db.JobRow.tenant == tenant)
             if after:
                 anchor = s.get(db.JobRow, after)
-                if anchor is None or anchor.tenant != tenant:
+                if not owns(anchor, tenant):
                     raise JobNotFound(f"no such fine-tuning job: {after!r}")
                 q = q.where((db.JobRow.created_ns < anchor.created_ns) |
                             ((db.JobRow.created_ns == anchor.created_ns) & (db.JobRow.id < anchor.id)))

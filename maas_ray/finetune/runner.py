@@ -25,7 +25,8 @@ from maas_ray.finetune.files import FileStore
 from maas_ray.finetune.formats import DataFormatError, check_for_task, validate_lines
 from maas_ray.finetune.jobs import (ACTIVE, GCS_ENV, JobService, add_event, fine_tuned_name,
                                     set_status)
-from maas_ray.registry import Registry
+from maas_ray.registry import ModelNotFound, Registry
+from maas_ray.tenancy import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,9 @@ def run_job(job_id: str, root: str | None = None, progress: Any = None) -> int:
     registry = Registry(root)
     started = time.time()
     try:
-        base = registry.get(spec.base_model)
+        # Checked again here, as the row's tenant: a row made by any other path than
+        # JobService.create must not train on another tenant's weights either.
+        base = resolve_model(registry.get, spec.base_model, tenant)
         base_dir = registry.local_dir(base)
         _event(root, job_id, f"Validating training file: {spec.training_file}")
         from transformers import AutoTokenizer
@@ -97,6 +100,10 @@ def run_job(job_id: str, root: str | None = None, progress: Any = None) -> int:
         if spec.validation_file:
             _validate_file(service.files, tenant, spec.validation_file, "validation_file",
                            base.task, tokenizer, spec.max_seq_length)
+    except ModelNotFound as err:
+        set_status(root, job_id, "failed", f"Job failed: base model: {err}",
+                   error={"code": "model_not_found", "message": str(err), "param": "model"})
+        return 1
     except DataFormatError as err:
         param = "validation_file" if "validation file" in str(err) else "training_file"
         set_status(root, job_id, "failed", f"Files failed validation: {err}",

@@ -12,8 +12,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from maas_ray.registry import ModelNotFound, ModelRef, ModelVersion, Registry
+from maas_ray.registry import ModelRef, ModelVersion, Registry
 from maas_ray.serve.settings import AppArgs
+from maas_ray.tenancy import DEFAULT_TENANT, resolve_model
 
 
 @dataclass
@@ -29,15 +30,14 @@ class ServiceContext:
     _latest: dict[str, tuple[int, int, ModelVersion]] = field(default_factory=dict)
 
     def resolve(self, model_id: str) -> ModelVersion:
-        """:meth:`resolve_any`, but another tenant's model (its card names a different
-        ``tenant``) is "not found", so its existence does not leak."""
-        mv = self.resolve_any(model_id)
-        if not visible_to(mv.card, current_tenant()):
-            raise ModelNotFound(f"model {model_id!r} not found")
-        return mv
+        """The model a request may use: :meth:`resolve_any` behind the tenant check of
+        :func:`maas_ray.tenancy.resolve_model`. Every route resolves through here; another
+        tenant's model answers exactly as one that never existed."""
+        return resolve_model(self.resolve_any, model_id, current_tenant())
 
     def resolve_any(self, model_id: str) -> ModelVersion:
-        """``name`` → its latest version; ``name:version`` → that version.
+        """``name`` → its latest version; ``name:version`` → that version, whoever owns
+        it; its not-found errors may list versions. Routes use :meth:`resolve`.
 
         The latest version is re-read whenever the model's folder changes (a
         publish or removal renames inside it), so a new version is served on the
@@ -79,7 +79,6 @@ def get_context() -> ServiceContext:
     return _CONTEXT
 
 
-DEFAULT_TENANT = "default"
 # The tenant of the request being handled, set by the auth middleware; model
 # resolution reads it where no request object is at hand.
 _TENANT: ContextVar[str | None] = ContextVar("maas_tenant", default=None)
@@ -91,12 +90,6 @@ def set_current_tenant(tenant: str) -> None:
 
 def current_tenant() -> str:
     return _TENANT.get() or DEFAULT_TENANT
-
-
-def visible_to(card: dict[str, Any], tenant: str) -> bool:
-    """Base models (no ``tenant`` in the card) are shared; fine-tuned ones belong to one tenant."""
-    owner = card.get("tenant")
-    return owner is None or owner == tenant
 
 
 def tenant_of(request: Any) -> str:

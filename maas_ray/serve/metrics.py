@@ -7,9 +7,10 @@ metrics agent on each node serves them (``maas up --metrics-port``, default
 ``RAY_metrics_report_interval_ms`` (10 s by default, at least 1 s), so a scrape
 lags recording by up to that long.
 
-Labels stay low-cardinality: ``route`` is the route *template*
-(``/v1/models/{model_id}/predict``), ``model`` a registry *name* that resolved
-(never an arbitrary id a client typed), ``deployment`` a fixed name.
+Labels stay low-cardinality and carry no tenant data: ``route`` is the route
+*template* (``/v1/models/{model_id}/predict``), ``model`` a registry *name* that
+resolved (never an arbitrary id a client typed) and, for a fine-tuned model,
+only ``ft:{base}`` (see :func:`model_label`), ``deployment`` a fixed name.
 ``cluster/grafana-dashboard.json`` plots them.
 """
 
@@ -92,7 +93,7 @@ class MeteredContext(ServiceContext):
         mv = super().resolve(model_id)
         labels = _LABELS.get()
         if labels is not None:
-            labels.models.add(mv.name)
+            labels.models.add(model_label(mv.name))
         return mv
 
 
@@ -174,15 +175,23 @@ def track_ongoing(deployment: str) -> Callable[[F], F]:
 
 def observe_batch(deployment: str, model_id: str, size: int) -> None:
     """One forward pass of ``size`` merged requests for ``model_id`` (name:version)."""
-    tags = {"deployment": deployment, "model": model_name(model_id)}
+    tags = {"deployment": deployment, "model": model_label(model_id)}
     metric("maas_batch_size").observe(size, tags=tags)
     metric("maas_batched_requests").inc(size, tags=tags)
 
 
-def model_name(model_id: str) -> str:
-    """``name:version`` → ``name`` (the label; versions would grow series forever)."""
+def model_label(model_id: str) -> str:
+    """The ``model`` label of ``name`` or ``name:version``: the name (versions would grow
+    series forever); a fine-tuned ``ft:{base}:{suffix}:{job_id}[:version]`` is ``ft:{base}``.
+
+    Anyone who reaches the metrics port reads the labels without a key, and a full
+    fine-tuned name is a tenant's job id and suffix: the id another tenant would need
+    to reach the model. All of one base's fine-tunes share a series, which also keeps
+    one series per job from piling up.
+    """
     head, sep, tail = model_id.rpartition(":")
-    return head if sep and tail.isdigit() else model_id
+    name = head if sep and tail.isdigit() else model_id
+    return "ft:" + name.split(":")[1] if name.startswith("ft:") else name
 
 
 def meter_generation(deployment: str) -> Callable[[G], G]:
@@ -194,7 +203,7 @@ def meter_generation(deployment: str) -> Callable[[G], G]:
     def wrap(fn: G) -> G:
         @functools.wraps(fn)
         async def wrapper(self: Any, model_id: str, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-            tags = {"model": model_name(model_id)}
+            tags = {"model": model_label(model_id)}
             start, done = time.perf_counter(), 0
             _ongoing(deployment, +1)
             try:

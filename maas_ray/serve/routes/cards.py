@@ -2,12 +2,20 @@
 
 ``{id}`` is ``name``, ``name:version`` or ``ft:base:suffix:job[:version]``; the
 colons need no escaping in a path segment.
+
+A stored card says where things were on the server: an imported model's
+``source``, a trained model's ``data.source`` (again under ``spec``) and
+``run.storage``. Shared models' cards reach every tenant, so the card served here
+(to admins too: one answer, no second code path) has every value that is a
+server path or storage URI taken out, wherever it sits. The operator reads the
+whole card with ``maas models show NAME --json``, which reads storage directly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from typing import Any
 from urllib.parse import quote
 
@@ -28,7 +36,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=documented(40
 async def model_card(model_id: str) -> dict[str, Any]:
     """The version's card as stored, its page as Markdown, and where its plot is."""
     mv = get_context().resolve(model_id)
-    card = {k: v for k, v in mv.card.items() if k != "files"}
+    card = public_card(mv.card)
     has_plot = bool(card.get("loss_plot") or card.get("loss_curve"))
     return {
         "object": "model.card",
@@ -38,8 +46,29 @@ async def model_card(model_id: str) -> dict[str, Any]:
         "task": mv.task,
         "card": card,
         "plot_url": f"/v1/models/{quote(mv.id, safe=':')}/card/plot.png" if has_plot else None,
-        "markdown": render_card_markdown(mv.card, mv.id),
+        "markdown": render_card_markdown(card, mv.id),
     }
+
+
+# An absolute POSIX or Windows path, a home-relative one, or a URI (file://, s3://, gs://...).
+_LOCATION = re.compile(r"^(?:/|~|[A-Za-z]:[\\/]|\\\\|[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def public_card(card: dict[str, Any]) -> dict[str, Any]:
+    """``card`` without its file checksums and without any value that names a place on the
+    server, at any depth (a key whose value is one is dropped)."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if not _is_location(v)}
+        if isinstance(value, list):
+            return [clean(v) for v in value if not _is_location(v)]
+        return value
+
+    return clean({k: v for k, v in card.items() if k != "files"})
+
+
+def _is_location(value: Any) -> bool:
+    return isinstance(value, str) and _LOCATION.match(value.strip()) is not None
 
 
 @router.get("/{model_id}/card/plot.png", response_class=Response,
