@@ -22,7 +22,7 @@ from sqlalchemy import (JSON, BigInteger, Float, ForeignKey, Integer, String, Te
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from maas_ray import storage
+from maas_ray import job_secrets, storage
 
 URL_ENV = "MAAS_DATABASE_URL"
 
@@ -33,6 +33,7 @@ class DatabaseConfigError(RuntimeError):
 
 def database_url(storage_root: str | None = None) -> str:
     """``$MAAS_DATABASE_URL``, else a SQLite file under a local storage root."""
+    job_secrets.load()  # a fine-tune job gets the URL this way, not in its environment
     url = os.environ.get(URL_ENV)
     if url:
         return url

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from maas_ray import job_secrets
+
 DEFAULT_HOME = "~/.maas"
 ENV_VAR = "MAAS_HOME"
 
@@ -53,6 +55,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """
     if is_local(uri):
         return pafs.LocalFileSystem(), str(local_path(uri))
+    job_secrets.load()  # a fine-tune job's credentials come this way, not in its environment
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if uri.startswith("s3://") and endpoint:
         scheme, _, host = endpoint.partition("://")

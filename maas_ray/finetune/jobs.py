@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from maas_ray import db, storage
+from maas_ray import db, job_secrets, storage
 from maas_ray.config.finetune import FineTuneSpec
 from maas_ray.finetune.files import FileNotFound, FileStore
 from maas_ray.finetune.formats import DataFormatError, FileSummary, check_for_task
@@ -36,7 +36,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 ACTIVE = ("validating_files", "queued", "running")
 DASHBOARD_ENV = "MAAS_RAY_DASHBOARD"
 SUBMIT_PATIENCE_S = 60.0
-GCS_ENV = "MAAS_RAY_GCS"  # the cluster a job's driver must join
+GCS_ENV = job_secrets.GCS_ENV  # the cluster a job's driver must join
 _ENV_LOCK = threading.Lock()  # RayJobs.client hides a vague RAY_ADDRESS for a moment
 
 
@@ -174,11 +174,9 @@ class RayJobs:
         return url if "://" in url else f"http://{url}"
 
     def submit(self, job_id: str, root: str) -> str:
-        env = {"MAAS_HOME": root}
-        for key in (db.URL_ENV, "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                    "AWS_DEFAULT_REGION"):
-            if os.environ.get(key):
-                env[key] = os.environ[key]
+        # Credentials never go into the job's environment, which the dashboard shows:
+        # job_env passes them through the GCS (see maas_ray.job_secrets).
+        env = {"MAAS_HOME": root, **job_secrets.job_env()}
         import ray
 
         if ray.is_initialized():

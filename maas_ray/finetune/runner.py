@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from maas_ray import db, storage
+from maas_ray import db, job_secrets, storage
 from maas_ray.config.finetune import FineTuneSpec
 from maas_ray.finetune.files import FileStore
 from maas_ray.finetune.formats import DataFormatError, check_for_task, validate_lines
@@ -285,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if os.environ.get(GCS_ENV):  # the submitter's own cluster beats what Ray guessed
         os.environ["RAY_ADDRESS"] = os.environ[GCS_ENV]
-    return run_job(args.job_id, args.storage)
+    try:
+        return run_job(args.job_id, args.storage)
+    finally:
+        job_secrets.drop()
 
 
 if __name__ == "__main__":
