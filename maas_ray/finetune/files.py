@@ -1,15 +1,17 @@
 """Uploaded files (``/v1/files``): content under ``{storage}/files/``, records in the database.
 
-The content is written first (temp name + rename on local disk), the database
-row last, so a file is listed only once its bytes are complete; deleting goes
-the other way round. Files meant for fine-tuning are validated on upload.
+An upload streams: each chunk is validated (line by line, for fine-tune files)
+and written to a temporary object as it arrives, so memory per upload is bounded
+whatever its size. On success the temporary object is renamed into place and the
+database row written last, so a file is listed only once its bytes are complete;
+a rejected or aborted upload deletes its temporary object and leaves nothing.
+Deleting goes the other way round: row first, then bytes.
 """
 
 from __future__ import annotations
 
-import io
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -17,10 +19,11 @@ from typing import Any, BinaryIO
 from sqlalchemy import select
 
 from maas_ray import db, storage
-from maas_ray.finetune.formats import DataFormatError, FileSummary, validate_lines
+from maas_ray.finetune.formats import DataFormatError, FileSummary, LineValidator
 
 PURPOSES = ("fine-tune", "batch", "user_data", "assistants", "evals")
 DEFAULT_TENANT = "default"
+CHUNK_BYTES = 1 << 20  # read and written at a time (file contents, re-validation)
 
 
 class FileNotFound(LookupError):
@@ -60,32 +63,19 @@ class FileStore:
         self.root = storage.storage_root(root)
         self.files_uri = storage.join(self.root, "files")
 
-    def create(self, filename: str, content: BinaryIO | bytes, purpose: str,
+    def create(self, filename: str, content: BinaryIO | bytes | Iterable[bytes], purpose: str,
                tenant: str = DEFAULT_TENANT) -> StoredFile:
-        """Validate (for ``fine-tune``) and store an upload; raise :class:`FileRejected`."""
-        if purpose not in PURPOSES:
-            raise FileRejected(f"purpose must be one of {list(PURPOSES)} (got {purpose!r})")
-        filename = Path(filename or "upload.jsonl").name[:512]  # never a path
-        data = content if isinstance(content, bytes) else content.read()
-        summary: FileSummary | None = None
-        if purpose == "fine-tune":
-            if not filename.endswith(".jsonl"):
-                raise FileRejected(f"fine-tune files must be JSONL (*.jsonl), got {filename!r}")
-            try:
-                summary = validate_lines(io.BytesIO(data))
-            except UnicodeDecodeError as err:
-                raise FileRejected(f"{filename}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-            except DataFormatError as err:
-                raise FileRejected(f"{filename}: {err}") from None
-        file_id = f"file-{uuid.uuid4().hex[:24]}"
-        uri = storage.join(self.files_uri, file_id)
-        _write_atomically(uri, data)
-        with db.session(self.root) as s:
-            s.add(db.FileRow(id=file_id, tenant=tenant, filename=filename, purpose=purpose,
-                             bytes=len(data), uri=uri,
-                             data_format=summary.format if summary else None,
-                             rows=summary.rows if summary else None))
-        return self.get(file_id, tenant)
+        """Validate (for ``fine-tune``) and store an upload; raise :class:`FileRejected`.
+        ``content`` may be bytes, a binary file or an iterable of chunks (streamed)."""
+        with self.upload(filename, purpose, tenant) as upload:
+            for chunk in _chunks(content):
+                upload.write(chunk)
+            return upload.commit()
+
+    def upload(self, filename: str, purpose: str | None, tenant: str = DEFAULT_TENANT) -> Upload:
+        """Start a streamed upload (a context manager that aborts it on error). ``purpose``
+        may be ``None`` when a form sends it after the file: give it to :meth:`Upload.commit`."""
+        return Upload(self, filename, purpose, tenant)
 
     def get(self, file_id: str, tenant: str = DEFAULT_TENANT) -> StoredFile:
         with db.session(self.root) as s:
@@ -143,17 +133,100 @@ class FileStore:
             pass
 
 
-def _write_atomically(uri: str, data: bytes) -> None:
-    fs, path = storage.filesystem(uri)
-    if storage.is_local(uri):
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-        tmp.write_bytes(data)
-        tmp.rename(target)
-        return
-    # Object stores publish a whole object on close: readers never see half of it.
-    fs.create_dir(path.rsplit("/", 1)[0])
-    with fs.open_output_stream(path) as fh:
-        fh.write(data)
+class Upload:
+    """One file arriving in chunks: :meth:`write` each, then :meth:`commit` (or :meth:`abort`).
 
+    Bytes go to a temporary object next to the final one (``files/.{id}.part``), which no
+    listing shows: the file appears, renamed and with its database row, only on commit.
+    """
+
+    def __init__(self, store: FileStore, filename: str, purpose: str | None, tenant: str) -> None:
+        self.store, self.tenant = store, tenant
+        self.filename = Path(filename or "upload.jsonl").name[:512]  # never a path
+        self.purpose: str | None = None
+        self.id = f"file-{uuid.uuid4().hex[:24]}"
+        self.uri = storage.join(store.files_uri, self.id)
+        self.bytes = 0
+        self._validator: LineValidator | None = None
+        if purpose is not None:
+            self._set_purpose(purpose)
+        self._fs, self._tmp = storage.filesystem(storage.join(store.files_uri, f".{self.id}.part"))
+        self._fs.create_dir(self._tmp.rsplit("/", 1)[0])
+        self._out: Any = self._fs.open_output_stream(self._tmp)
+
+    def _set_purpose(self, purpose: str) -> None:
+        if purpose not in PURPOSES:
+            raise FileRejected(f"purpose must be one of {list(PURPOSES)} (got {purpose!r})")
+        if purpose == "fine-tune":
+            if not self.filename.endswith(".jsonl"):
+                raise FileRejected(f"fine-tune files must be JSONL (*.jsonl), got {self.filename!r}")
+            self._validator = LineValidator()
+        self.purpose = purpose
+
+    def write(self, chunk: bytes) -> None:
+        """Validate (fine-tune files, line by line) and store one chunk."""
+        if self._validator is not None:
+            self._validate(self._validator.feed, chunk)
+        self._out.write(chunk)
+        self.bytes += len(chunk)
+
+    def commit(self, purpose: str | None = None) -> StoredFile:
+        """Finish: check the last line, move the bytes into place, then list the file."""
+        self._out.close()
+        summary: FileSummary | None = None
+        if self.purpose is None:  # the form sent the file first: validate what was stored
+            self._set_purpose(purpose or "")
+            if self._validator is not None:
+                with self._fs.open_input_stream(self._tmp) as fh:
+                    while chunk := fh.read(CHUNK_BYTES):
+                        self._validate(self._validator.feed, chunk)
+        if self._validator is not None:
+            summary = self._validate(self._validator.close)
+        # A rename on local disk; a copy and delete on object stores (readers never see part
+        # of an object either way, and no database row names it yet).
+        final = storage.filesystem(self.uri)[1]
+        self._fs.move(self._tmp, final)
+        try:
+            with db.session(self.store.root) as s:
+                s.add(db.FileRow(id=self.id, tenant=self.tenant, filename=self.filename,
+                                 purpose=self.purpose, bytes=self.bytes, uri=self.uri,
+                                 data_format=summary.format if summary else None,
+                                 rows=summary.rows if summary else None))
+        except BaseException:
+            self._fs.delete_file(final)  # no row, no bytes
+            raise
+        return self.store.get(self.id, self.tenant)
+
+    def abort(self) -> None:
+        """Drop what was written; the upload leaves nothing behind."""
+        try:
+            self._out.close()
+        finally:
+            try:
+                self._fs.delete_file(self._tmp)
+            except FileNotFoundError:
+                pass
+
+    def _validate(self, step: Any, *args: Any) -> Any:
+        try:
+            return step(*args)
+        except DataFormatError as err:
+            raise FileRejected(f"{self.filename}: {err}") from None
+
+    def __enter__(self) -> Upload:
+        return self
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        if kind is not None:
+            self.abort()
+
+
+def _chunks(content: BinaryIO | bytes | Iterable[bytes]) -> Iterator[bytes]:
+    if isinstance(content, bytes):
+        for start in range(0, len(content), CHUNK_BYTES):
+            yield content[start:start + CHUNK_BYTES]
+    elif hasattr(content, "read"):
+        while chunk := content.read(CHUNK_BYTES):  # type: ignore[union-attr]
+            yield chunk
+    else:
+        yield from content

@@ -19,9 +19,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from maas_ray.json_depth import json_too_deep
+
 DataFormat = Literal["chat", "completion", "classification"]
 ROLES = ("system", "user", "assistant")
 MAX_ERRORS = 5
+# One example per line: the longest a line may be, and how deep its JSON may nest. The
+# formats above nest 4 deep; a 32,768-token example is ~130 KB of text.
+MAX_LINE_BYTES = 1 << 20
+MAX_DEPTH = 16
 
 
 class DataFormatError(ValueError):
@@ -76,42 +82,103 @@ def _shape(row: Any) -> DataFormat | str:
             "or 'text'+'label'")
 
 
-def validate_lines(lines: Iterable[bytes | str]) -> FileSummary:
-    """Validate JSONL line by line (streaming); raise :class:`DataFormatError`
-    listing up to five bad lines (1-based), or return the file's format."""
-    errors: list[str] = []
-    fmt: str | None = None
-    first_line = 0
-    rows = 0
-    labels: set[str] = set()
-    for n, raw in enumerate(lines, start=1):
-        text = raw.decode("utf-8", errors="strict") if isinstance(raw, bytes) else raw
-        if not text.strip():
-            continue
+class LineValidator:
+    """:func:`validate_lines` fed one chunk of bytes at a time, as an upload arrives.
+
+    Memory is bounded whatever the file's size: one line at most :data:`MAX_LINE_BYTES`
+    is held (a longer one is an error, skipped without being kept), and a line is checked
+    for depth before the JSON parser recurses into it. After :data:`MAX_ERRORS` errors it
+    raises at once, so a bad upload is refused before the rest of it is read.
+    """
+
+    def __init__(self) -> None:
+        self._line = bytearray()  # the current line's bytes so far (a bytearray: appends are O(1))
+        self._skipping = False  # inside an overlong line: drop bytes until its newline
+        self._n = 0  # lines finished
+        self._errors: list[str] = []
+        self._fmt: str | None = None
+        self._first_line = 0
+        self._rows = 0
+        self._labels: set[str] = set()
+
+    def feed(self, chunk: bytes) -> None:
+        start = 0
+        while start < len(chunk):
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            if not self._skipping:
+                if len(self._line) + len(piece) > MAX_LINE_BYTES:
+                    self._error(self._n + 1, f"longer than {MAX_LINE_BYTES} bytes")
+                    self._line.clear()
+                    self._skipping = True
+                else:
+                    self._line += piece
+            if end < 0:
+                return
+            self._end_line()
+            start = end + 1
+
+    def close(self) -> FileSummary:
+        """The file's summary, or :class:`DataFormatError` naming up to five bad lines."""
+        if self._line or self._skipping:
+            self._end_line()
+        if self._errors:
+            raise DataFormatError("; ".join(self._errors))
+        if self._fmt is None:
+            raise DataFormatError("the file has no examples")
+        return FileSummary(self._fmt, self._rows, sorted(self._labels))  # type: ignore[arg-type]
+
+    def _end_line(self) -> None:
+        self._n += 1
+        raw, skipped = bytes(self._line), self._skipping
+        self._line.clear()
+        self._skipping = False
+        if skipped:
+            self._rows += 1
+        elif raw.strip():
+            self._rows += 1
+            self._check(self._n, raw)
+
+    def _check(self, n: int, raw: bytes) -> None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            self._error(n, f"not UTF-8 text ({err.reason} at byte {err.start + 1})")
+            return
+        if json_too_deep(raw, MAX_DEPTH):
+            self._error(n, f"nests deeper than {MAX_DEPTH} levels")
+            return
         try:
             row = json.loads(text)
         except json.JSONDecodeError as err:
-            errors.append(f"line {n}: not valid JSON ({err.msg} at column {err.colno})")
-        else:
-            shape = _shape(row)
-            if shape not in ("chat", "completion", "classification"):
-                errors.append(f"line {n}: {shape}")
-            elif fmt is None:
-                fmt, first_line = shape, n
-            elif shape != fmt:
-                errors.append(f"line {n}: a {shape} example, but line {first_line} is {fmt}: "
-                              "use one format per file")
-            if shape == "classification":
-                labels.add(str(row["label"]))
-        rows += 1
-        if len(errors) >= MAX_ERRORS:
-            errors.append("(stopped after 5 errors)")
-            break
-    if errors:
-        raise DataFormatError("; ".join(errors))
-    if fmt is None:
-        raise DataFormatError("the file has no examples")
-    return FileSummary(fmt, rows, sorted(labels))  # type: ignore[arg-type]
+            self._error(n, f"not valid JSON ({err.msg} at column {err.colno})")
+            return
+        shape = _shape(row)
+        if shape not in ("chat", "completion", "classification"):
+            self._error(n, shape)
+        elif self._fmt is None:
+            self._fmt, self._first_line = shape, n
+        elif shape != self._fmt:
+            self._error(n, f"a {shape} example, but line {self._first_line} is {self._fmt}: "
+                        "use one format per file")
+        if shape == "classification":
+            self._labels.add(str(row["label"]))
+
+    def _error(self, n: int, message: str) -> None:
+        self._errors.append(f"line {n}: {message}")
+        if len(self._errors) >= MAX_ERRORS:
+            self._errors.append(f"(stopped after {MAX_ERRORS} errors)")
+            raise DataFormatError("; ".join(self._errors))
+
+
+def validate_lines(lines: Iterable[bytes | str]) -> FileSummary:
+    """Validate JSONL line by line (streaming); raise :class:`DataFormatError`
+    listing up to five bad lines (1-based), or return the file's format."""
+    validator = LineValidator()
+    for raw in lines:
+        data = raw.encode() if isinstance(raw, str) else raw
+        validator.feed(data if data.endswith(b"\n") else data + b"\n")
+    return validator.close()
 
 
 TASK_FORMATS: dict[str, tuple[str, ...]] = {

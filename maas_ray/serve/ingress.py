@@ -14,7 +14,7 @@ from maas_ray.auth.keys import KeyStore
 from maas_ray.auth.middleware import ApiKeyAuth
 from maas_ray.serve.context import get_context, set_context, set_current_tenant
 from maas_ray.serve.errors import install_error_handlers
-from maas_ray.serve.limits import BodySizeLimit, JsonDepthLimit
+from maas_ray.serve.limits import BodySizeLimit, JsonDepthLimit, is_upload
 from maas_ray.serve.metrics import MeteredContext, RequestMetrics
 from maas_ray.serve.openai import router as openai_router
 from maas_ray.serve.routes import admin, cards, console, files, fine_tuning, health, oip, tabular
@@ -24,9 +24,9 @@ logger = logging.getLogger(__name__)
 
 
 def body_limit(scope: dict[str, Any]) -> int:
-    """Uploads (``POST /v1/files``) may be larger than API calls."""
+    """Uploads (multipart ``POST /v1/files``, streamed to storage) may be larger than API calls."""
     settings = get_context().settings
-    if scope.get("path") == "/v1/files":
+    if is_upload(scope):
         return settings.max_upload_bytes
     return settings.max_body_bytes
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import Callable
 from typing import Any
+
+from maas_ray.json_depth import json_too_deep
 
 Scope = dict[str, Any]
 
@@ -60,15 +61,28 @@ class _TooLarge(Exception):
     pass
 
 
+def route_path(scope: Scope) -> str:
+    """The path inside the app: under a route prefix (a second app at ``/auth``) Serve's
+    ``path`` carries the prefix as ``root_path`` too."""
+    path, root = scope.get("path", ""), scope.get("root_path", "") or ""
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def is_upload(scope: Scope) -> bool:
+    """A file upload: multipart/form-data to ``/v1/files``. Only these get the upload limit; a
+    JSON body there is an API call like any other (and would be buffered whole to check it)."""
+    ctype = dict(scope.get("headers") or []).get(b"content-type", b"")
+    return (scope.get("method") == "POST" and route_path(scope) == "/v1/files"
+            and ctype.split(b";")[0].strip().lower() == b"multipart/form-data")
+
+
 async def send_error(scope: Scope, send: Any, status: int, message: str, code: str,
                      headers: dict[str, str] | None = None) -> None:
     """An error answer from middleware: OpenAI's body on /v1 (its ``type`` from the status,
     as :mod:`maas_ray.serve.errors` maps it), the Open Inference Protocol's on /v2."""
     from maas_ray.serve.errors import error_type
 
-    path = scope.get("path", "")
-    root = scope.get("root_path", "") or ""
-    if (path[len(root):] if root and path.startswith(root) else path).startswith("/v2"):
+    if route_path(scope).startswith("/v2"):
         body: dict[str, Any] = {"error": message}
     else:
         body = {"error": {"message": message, "type": error_type(status), "param": None, "code": code}}
@@ -79,31 +93,7 @@ async def send_error(scope: Scope, send: Any, status: int, message: str, code: s
     await send({"type": "http.response.body", "body": payload})
 
 
-# A string, or an unterminated one running to the end. Unrolled ("normal* (escape normal*)*")
-# and allowed to end at the end of input, so a match never fails after scanning: linear. The
-# plain `"(?:[^"\\]|\\.)*"` failed on an unterminated run of `\"` pairs and was retried from
-# every quote, quadratic: 32 KB held the event loop for 4.6 s.
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 _THREAD_BYTES = 64 * 1024  # bodies above this are checked off the event loop
-_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
-_EMPTY_PAIR = re.compile(rb"\[\]|\{\}")
-
-
-def json_too_deep(body: bytes, max_depth: int) -> bool:
-    """Whether ``body`` nests arrays/objects deeper than ``max_depth``, without parsing it.
-
-    Strings are blanked out, everything but brackets dropped, then innermost empty
-    pairs are removed once per level, all in the regex engine: a few linear passes,
-    no recursion. Unbalanced input is left to the JSON parser to call malformed.
-    """
-    rest = _NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", body))
-    for _ in range(max_depth):
-        if not rest:
-            return False
-        rest, removed = _EMPTY_PAIR.subn(b"", rest)
-        if not removed:
-            return False
-    return bool(rest)
 
 
 class JsonDepthLimit:

@@ -1,15 +1,19 @@
 """``/v1/files``: OpenAI's file API, for fine-tuning data.
 
 Handlers are plain ``def``: the database and storage calls block, so FastAPI
-runs them in its thread pool instead of on the replica's event loop.
+runs them in its thread pool instead of on the replica's event loop. The upload
+is the exception: it reads the body as it streams (:mod:`maas_ray.serve.uploads`)
+and hands each chunk's blocking work to a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
@@ -18,6 +22,7 @@ from maas_ray.finetune.files import FileNotFound, FileRejected, FileStore
 from maas_ray.finetune.jobs import ACTIVE, JobService
 from maas_ray.serve.context import get_context, tenant_of
 from maas_ray.serve.errors import APIError, documented
+from maas_ray.serve.uploads import OPENAPI_BODY, FormUpload
 
 router = APIRouter(tags=["files"])
 
@@ -42,6 +47,15 @@ def not_found(err: LookupError, param: str = "file_id") -> APIError:
 
 def database_errors(fn: Any) -> Any:
     """A service whose database cannot be reached answers 503, never 500."""
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await fn(*args, **kwargs)
+            except db.DatabaseConfigError as err:
+                raise APIError(503, str(err), None, "database_unavailable") from None
+        return run
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -51,14 +65,32 @@ def database_errors(fn: Any) -> Any:
     return wrapper
 
 
-@router.post("/v1/files")
+@router.post("/v1/files", openapi_extra=OPENAPI_BODY, responses=documented(400))
 @database_errors
-def upload_file(request: Request, file: Annotated[UploadFile, File(description="The file (JSONL for fine-tune).")],
-                purpose: Annotated[str, Form(description="fine-tune, batch, user_data, ...")]) -> dict[str, Any]:
+async def upload_file(request: Request) -> dict[str, Any]:
+    """Streams the file to storage, validating fine-tune JSONL line by line as it arrives."""
     try:
-        stored = files().create(file.filename or "upload.jsonl", file.file, purpose, tenant_of(request))
+        form = FormUpload(request.headers.get("content-type"), files(), tenant_of(request))
     except FileRejected as err:
         raise APIError(400, str(err), "file", "invalid_file") from None
+    rejected: FileRejected | None = None
+    try:
+        async for chunk in request.stream():
+            if rejected is None and chunk:
+                try:
+                    await asyncio.to_thread(form.write, chunk)
+                except FileRejected as err:
+                    rejected = err  # read the rest unprocessed, so the client gets the answer
+        if rejected is None:
+            stored = await asyncio.to_thread(form.finish)
+    except FileRejected as err:
+        rejected = err
+    except BaseException:  # over the size limit, client gone: leave nothing behind
+        await asyncio.to_thread(form.abort)
+        raise
+    if rejected is not None:
+        await asyncio.to_thread(form.abort)
+        raise APIError(400, str(rejected), "file", "invalid_file")
     return stored.to_openai()
 
 
