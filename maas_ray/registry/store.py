@@ -6,7 +6,10 @@ disk a version is written under a hidden temp folder and renamed into place, so
 readers never see half of one; two publishers racing for the same number both
 succeed with distinct numbers because ``rename`` onto a non-empty folder fails.
 On object stores (no atomic rename) ``card.json`` is written last and a version
-without it is invisible.
+without it is invisible; on ``s3://`` a publisher first claims its number with a
+conditional put (``If-None-Match: *``, which AWS S3 and MinIO honour), so two
+publishers racing for one name never write into one folder. Other object stores
+(``gs://``) have no such claim here: publish one name from one place at a time.
 """
 
 from __future__ import annotations
@@ -202,6 +205,8 @@ class Registry:
     def _publish_remote(self, name: str, src: Path, card: dict[str, Any]) -> int:
         parent = f"{self._base}/{name}"
         version = max(self._all_numbers(parent), default=0) + 1
+        while not self._claim(f"{parent}/{version}"):  # another publisher holds this number
+            version += 1
         dest = f"{parent}/{version}"
         self._fs.create_dir(dest)
         for path in sorted(src.rglob("*")):
@@ -234,6 +239,27 @@ class Registry:
         return targets
 
     # -- helpers -----------------------------------------------------------
+    def _claim(self, folder: str) -> bool:
+        """Take version folder ``folder`` (``bucket/key``) for this publisher: False when
+        another one has it. Only ``s3://`` has a conditional put to do it with."""
+        if not self.root.startswith("s3://"):
+            return True
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = folder.partition("/")
+        try:
+            _s3_client().put_object(Bucket=bucket, Key=f"{key}/{CLAIM}", IfNoneMatch="*",
+                                    Body=json.dumps({"by": uuid.uuid4().hex, "at": time.time()}).encode())
+            return True
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            # 412: the claim exists; 409: a concurrent put of it is in flight (S3 says retry,
+            # but the other publisher will win or release nothing either way: move on).
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or \
+                    err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                return False
+            raise
+
     def _next_version(self, parent: Path) -> int:
         return max(self._all_numbers(str(parent)), default=0) + 1
 
@@ -249,6 +275,19 @@ class Registry:
 
     def _exists(self, path: str) -> bool:
         return self._fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+CLAIM = ".claim"  # marks a number as taken on s3 before its files are written
+
+
+def _s3_client() -> Any:
+    """A boto3 S3 client configured like :func:`maas_ray.storage.filesystem` (endpoint,
+    region and credentials from the usual environment variables)."""
+    import boto3
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+    return boto3.client("s3", endpoint_url=endpoint or None, region_name=region)
 
 
 def _write_json(path: Path, obj: Any) -> None:
