@@ -79,3 +79,68 @@ def test_chat_loss_sees_only_assistant_tokens(llm_dirs: dict[str, str]) -> None:
     assert check_lm_example(tok, {"messages": messages[:1]}, 512) == "no assistant message to learn from"
     assert "longer than max_seq_length (8)" in check_lm_example(tok, {"messages": messages}, 8)
     assert check_lm_example(tok, {"messages": messages}, 512) is None
+
+
+def test_lines_stream_in_any_chunking_and_name_their_numbers() -> None:
+    """The upload validator takes bytes as they arrive: a line split across chunks (even
+    mid-character) reads the same as whole lines, and errors still name the line."""
+    from maas_ray.finetune.formats import LineValidator
+
+    good = "\n".join(json.dumps(r) for r in [CHAT, {**CHAT, "messages": [
+        {"role": "user", "content": "héllo ✓"}, {"role": "assistant", "content": "b"}]}] * 3).encode()
+    for size in (1, 7, len(good)):
+        v = LineValidator()
+        for start in range(0, len(good), size):
+            v.feed(good[start:start + size])
+        assert (v.close().format, len(good.splitlines())) == ("chat", 6)
+    v = LineValidator()
+    v.feed(good + b"\n{oops\n" + good)
+    with pytest.raises(DataFormatError, match="line 7: not valid JSON"):
+        v.close()
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    (b"[" * 50_000 + b"]" * 50_000, "line 2: nests deeper than 16 levels"),  # was a RecursionError: 500
+    (b"[" * 50_000, "line 2: nests deeper than 16 levels"),  # unbalanced too
+    (b'{"messages": "' + b"x" * (1 << 20) + b'"}', "line 2: longer than 1048576 bytes"),
+    (b'{"text": "\xff", "label": 1}', "line 2: not UTF-8 text"),
+])
+def test_deep_long_and_undecodable_lines_are_refused_by_number(line: bytes, expected: str) -> None:
+    from maas_ray.finetune.formats import LineValidator
+
+    v = LineValidator()
+    v.feed(json.dumps(CHAT).encode() + b"\n")
+    v.feed(line)
+    v.feed(b"\n" + json.dumps(CHAT).encode() + b"\n")
+    with pytest.raises(DataFormatError) as err:
+        v.close()
+    assert expected in str(err.value) and "line 1" not in str(err.value)
+
+
+def test_json_depth_agrees_with_the_parser() -> None:
+    """The depth check never parses, so check it against one that does, on every shape of
+    string, escape and bracket the JSON grammar has (hypothesis)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from maas_ray.json_depth import json_depth
+
+    def parsed_depth(v: object) -> int:
+        if isinstance(v, list):
+            return 1 + max(map(parsed_depth, v), default=0)
+        if isinstance(v, dict):
+            return 1 + max(map(parsed_depth, v.values()), default=0)
+        return 0
+
+    text = st.text(alphabet='[]{}"\\\n ab\u00e9\u2603', max_size=12)
+    values = st.recursive(st.none() | st.integers() | text,
+                          lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+                          max_leaves=20)
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(values)
+    def check(v: object) -> None:
+        assert json_depth(json.dumps(v).encode()) == parsed_depth(v)
+        assert json_depth(json.dumps(v, ensure_ascii=False).encode()) == parsed_depth(v)
+
+    check()
