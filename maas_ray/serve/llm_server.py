@@ -4,10 +4,15 @@ Each replica keeps up to ``MAX_LLMS_PER_REPLICA`` engines (LRU via
 ``@serve.multiplexed``); each engine runs iteration-level batching over every
 request routed to it, so concurrent requests share decode steps. The engine
 (transformers or llama.cpp) is picked per model by :mod:`.llm.selection`.
+
+Prompts are tokenized in a worker thread (:func:`tokenize`), never on the
+replica's event loop, and a prompt too long for the context in any
+tokenization is refused before it is tokenized.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -38,13 +43,15 @@ DEFAULT_MAX_TOKENS = int(os.environ.get("MAAS_DEFAULT_MAX_TOKENS", "256"))
 class LLMServer:
     def __init__(self, storage_root: str, max_batch_size: int = 16, engine: str = "auto",
                  model_engines: dict[str, str] | None = None, llama_cpp_threads: int | None = None,
-                 stream_interval_s: float = 0.05) -> None:
+                 stream_interval_s: float = 0.05, request_timeout_s: float = 600.0,
+                 max_request_share: float = 0.5) -> None:
         from maas_ray.serve.llm.selection import EngineConfig
 
         self.registry = Registry(storage_root)
         self.engines = EngineConfig(engine, dict(model_engines or {}), max_batch_size,  # type: ignore[arg-type]
-                                    llama_cpp_threads)
+                                    llama_cpp_threads, max_request_share)
         self.stream_interval_s = stream_interval_s
+        self.request_timeout_s = request_timeout_s
 
     @serve.multiplexed(max_num_models_per_replica=MAX_LLMS_PER_REPLICA)
     async def get_engine(self, model_id: str) -> Any:
@@ -57,7 +64,10 @@ class LLMServer:
     async def generate(self, model_id: str, prompt: str | list[dict[str, str]],
                        params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """First yields ``{"prompt_tokens", "engine"}`` (the engine's ``info()``) or
-        ``{"error"}``, then text deltas."""
+        ``{"error"}``, then text deltas. ``params["group"]`` names the client request
+        (its ``n`` choices share it, for fair admission); unless ``params["stream"]``,
+        the engine aborts the request after ``request_timeout_s`` with
+        :class:`~maas_ray.serve.llm.engine.RequestTimeout`."""
         from maas_ray.serve.llm import SamplingParams
         from maas_ray.serve.llm.selection import EngineUnavailable
 
@@ -66,7 +76,12 @@ class LLMServer:
         except EngineUnavailable as err:
             yield {"error": str(err), "param": "model", "code": "model_not_supported"}
             return
-        ids = engine.apply_chat_template(prompt) if isinstance(prompt, list) else engine.encode(prompt)
+        try:
+            ids = await tokenize(engine, prompt)
+        except PromptTooLong as err:
+            yield {"error": str(err), "param": "messages" if isinstance(prompt, list) else "prompt",
+                   "code": "context_length_exceeded"}
+            return
         room = engine.context_length - len(ids)
         max_tokens = params.get("max_tokens")
         if room <= 0:
@@ -85,9 +100,11 @@ class LLMServer:
             top_p=params.get("top_p", 1.0),
             stop=list(params.get("stop") or []),
             seed=params.get("seed"),
+            # A stream's client sees progress and can hang up; a non-streaming one cannot.
+            timeout_s=None if params.get("stream") else self.request_timeout_s,
         )
         yield {"prompt_tokens": len(ids), "engine": engine.info()}
-        chunks = engine.generate(ids, sampling, request_id=uuid.uuid4().hex)
+        chunks = engine.generate(ids, sampling, request_id=uuid.uuid4().hex, group=params.get("group"))
         async for chunk in paced(chunks, self.stream_interval_s):
             yield {"text": chunk.text, "finish_reason": chunk.finish_reason,
                    "completion_tokens": chunk.completion_tokens}
@@ -95,6 +112,29 @@ class LLMServer:
     async def stats(self, model_id: str) -> dict[str, int]:
         """Running/waiting sequences of a model's engine (tests check freed slots)."""
         return (await self.get_engine(model_id)).stats()
+
+
+class PromptTooLong(ValueError):
+    """The prompt cannot fit the model's context, whatever its tokens (it was not tokenized)."""
+
+
+async def tokenize(engine: Any, prompt: str | list[dict[str, str]]) -> list[int]:
+    """The prompt's token ids (chat messages through the chat template), computed in a
+    worker thread so the replica's event loop keeps serving other requests meanwhile.
+
+    A prompt of more characters than ``engine.max_prompt_chars`` (its context times
+    the most characters one token stands for) has more tokens than the context
+    holds: :class:`PromptTooLong`, without tokenizing it. Body limits allow
+    megabytes; tokenizing those would be seconds of work to refuse.
+    """
+    chars = len(prompt) if isinstance(prompt, str) else sum(len(m.get("content") or "") for m in prompt)
+    limit = getattr(engine, "max_prompt_chars", None)
+    if limit is not None and chars > limit:
+        raise PromptTooLong(f"the prompt has {chars} characters; the model's context holds "
+                            f"{engine.context_length} tokens, which no prompt over {limit} characters fits")
+    if isinstance(prompt, str):
+        return await asyncio.to_thread(engine.encode, prompt)
+    return await asyncio.to_thread(engine.apply_chat_template, prompt)
 
 
 async def paced(chunks: AsyncIterator[Any], interval_s: float) -> AsyncIterator[Any]:

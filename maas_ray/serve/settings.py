@@ -52,6 +52,16 @@ class LLMArgs(BaseModel):
         "crosses two Ray actors, so on a small CPU fewer chunks leave more of it for decoding; 0 "
         "sends every token on its own."
     )
+    request_timeout_s: float = Field(
+        default=600.0, gt=0, description="Longest a non-streaming chat/completion request may take, "
+        "waiting for a batch slot included; then it gets 504 and its sequences are aborted (their "
+        "KV cache freed). Streams end when their client hangs up."
+    )
+    max_request_share: float = Field(
+        default=0.5, gt=0, le=1, description="The most of a model's batch slots (and, on llama.cpp, "
+        "KV cells) one request's n choices may hold while it runs any; the rest wait, so one large "
+        "request cannot lock others out. A lone sequence always starts. 1 turns the cap off."
+    )
 
 
 class EmbeddingArgs(BaseModel):

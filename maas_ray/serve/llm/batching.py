@@ -9,6 +9,16 @@ the same chunks: the queue and the scheduler thread, streaming to the caller's
 event loop, cancellation by id or by an abandoned iterator, and the stop rules
 (EOS and stop tokens, stop strings via :class:`TextStream`, ``max_tokens``,
 the context length) with usage counts on every chunk.
+
+Fairness. One client request may be many sequences (``n`` choices share a
+*group*), and a sequence keeps its slot and KV cells until it finishes: there
+is no preemption. So admission (:meth:`BatchingEngine._next_waiting`) takes
+the waiting sequence whose group runs the fewest sequences (arrival order
+among equals), and no group may hold more than ``max_request_share`` of the
+engine (of its slots here; of its KV cells too in llama.cpp) while it already
+runs something. One ``n=16`` request can then never lock everyone else out,
+and one lone sequence is always admitted, however large. Requests past their
+``timeout_s`` are aborted on the scheduler thread, which frees what they hold.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import abc
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,7 +35,7 @@ from typing import Any
 
 from maas_ray.serve.llm.detokenize import TextStream
 from maas_ray.serve.llm.engine import (EngineClosed, FinishReason, GenerationChunk,
-                                       GenerationEngine, SamplingParams)
+                                       GenerationEngine, RequestTimeout, SamplingParams)
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +51,10 @@ class Request:
     text: TextStream
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue[GenerationChunk | BaseException]
+    group: str = ""
+    """The client request it belongs to (its ``n`` choices share one): the unit of fairness."""
+    deadline: float | None = None
+    """``time.monotonic()`` past which it is aborted with :class:`RequestTimeout`."""
     generated: list[int] = field(default_factory=list)
     unsent: list[int] = field(default_factory=list)  # token ids not yet in a chunk
     done: bool = False
@@ -70,14 +85,21 @@ class BatchingEngine(GenerationEngine):
     Subclasses set ``tokenizer`` (a Hugging Face tokenizer: both engines count,
     template and decode tokens alike), ``eos_ids`` and ``context_length`` in
     ``_load`` and keep ``_running`` (admitted requests) up to date in
-    ``_admit`` / :meth:`_remove`.
+    ``_admit`` (which takes requests from :meth:`_next_waiting`) and
+    :meth:`_remove`. ``max_request_share``: the most of the engine one group
+    may hold while it runs anything (see the module doc); 1 turns the cap off.
     """
 
     tokenizer: Any
     eos_ids: frozenset[int]
+    max_prompt_chars: int
+    """Prompts longer than this (in characters) cannot fit the context: refuse them untokenized."""
 
-    def __init__(self, max_batch_size: int) -> None:
+    def __init__(self, max_batch_size: int, max_request_share: float = 0.5) -> None:
+        if not 0 < max_request_share <= 1:
+            raise ValueError(f"max_request_share must be in (0, 1], got {max_request_share}")
         self.max_batch_size = max_batch_size
+        self.max_request_share = max_request_share
         self._lock = threading.Lock()  # guards _waiting, _cancelled, _live, _running
         self._waiting: deque[Request] = deque()
         self._cancelled: set[Request] = set()  # admitted, then abandoned
@@ -114,6 +136,27 @@ class BatchingEngine(GenerationEngine):
     def _remove(self, rows: set[int]) -> None:
         """Drop the requests at these indices of ``_running`` and free what they hold."""
 
+    def _group_may_grow(self, seq: Request, mates: list[Request]) -> bool:
+        """Whether ``seq`` may join its group's running ``mates`` (none: always).
+        Backends with other shared resources (KV cells) add their own share."""
+        return not mates or len(mates) + 1 <= max(1, int(self.max_request_share * self.max_batch_size))
+
+    def _next_waiting(self) -> Request | None:
+        """The waiting request to admit next (call with ``_lock`` held; it stays in
+        ``_waiting``): from the group running the fewest sequences, first come first
+        served among equals, skipping groups at their share. None if none may start."""
+        mates: dict[str, list[Request]] = {}
+        for seq in self._running:
+            mates.setdefault(seq.group, []).append(seq)
+        best, best_running = None, 0
+        for seq in self._waiting:
+            running = mates.get(seq.group, [])
+            if (best is None or len(running) < best_running) and self._group_may_grow(seq, running):
+                best, best_running = seq, len(running)
+                if not running:
+                    break
+        return best
+
     def _scheduler_stats(self) -> dict[str, int]:
         """Backend figures added to :meth:`stats` (read without the scheduler's help)."""
         return {}
@@ -131,8 +174,8 @@ class BatchingEngine(GenerationEngine):
             ids = ids["input_ids"]
         return list(ids)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                       group: str | None = None) -> AsyncIterator[GenerationChunk]:
         """Stream the completion; chunks that pile up while the consumer is busy
         arrive merged into one (same text and token ids, fewer messages)."""
         if self._closed.is_set():
@@ -143,8 +186,9 @@ class BatchingEngine(GenerationEngine):
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context holds "
                              f"{self.context_length} (prompt + completion)")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        deadline = None if params.timeout_s is None else time.monotonic() + params.timeout_s
         seq = Request(request_id, list(prompt_ids), params, stop_ids, TextStream(self.tokenizer, params.stop),
-                      asyncio.get_running_loop(), asyncio.Queue())
+                      asyncio.get_running_loop(), asyncio.Queue(), group or request_id, deadline)
         with self._lock:  # checked under the lock: close() fails whatever is queued by then
             if self._closed.is_set():
                 raise EngineClosed("the engine is closed")
@@ -205,6 +249,7 @@ class BatchingEngine(GenerationEngine):
     def _run(self, ready: threading.Event, failed: list[BaseException]) -> None:
         try:
             self._load()
+            self.max_prompt_chars = self.context_length * _longest_token_chars(self.tokenizer)
         except BaseException as err:  # noqa: BLE001 - re-raised by _start
             failed.append(err)
             self._closed.set()
@@ -219,6 +264,7 @@ class BatchingEngine(GenerationEngine):
                     # returns at once instead of sleeping on it.
                     self._wake.clear()
                     self._drop_cancelled()
+                    self._expire()
                     self._admit()
                     if not self._running:
                         self._wake.wait(timeout=1.0)
@@ -251,6 +297,24 @@ class BatchingEngine(GenerationEngine):
         if cancelled:
             self._remove({i for i, s in enumerate(self._running) if s in cancelled})
 
+    def _expire(self) -> None:
+        """Abort requests past their deadline, waiting or running, and free what they hold."""
+        now = time.monotonic()
+        with self._lock:
+            late = [s for s in self._live.values() if s.deadline is not None and s.deadline <= now]
+            for seq in late:
+                self._live.pop(seq.request_id, None)
+                self._cancelled.discard(seq)
+                if seq in self._waiting:
+                    self._waiting.remove(seq)
+        if not late:
+            return
+        self._remove({i for i, s in enumerate(self._running) if s in late})
+        for seq in late:
+            seq.done = True
+            seq.send(RequestTimeout(f"the request did not finish within {seq.params.timeout_s:g} s "
+                                    f"({len(seq.generated)} tokens generated); it was aborted"))
+
     def _accept(self, seq: Request, token: int) -> bool:
         """Record a sampled token, stream what is safe to send; True if ``seq`` is finished."""
         seq.generated.append(token)
@@ -281,3 +345,16 @@ class BatchingEngine(GenerationEngine):
             self._live.pop(seq.request_id, None)
         seq.done = True
         seq.send(last)
+
+
+def _longest_token_chars(tokenizer: Any) -> int:
+    """Characters one token can stand for, at most: the longest vocabulary entry.
+
+    A byte-level BPE entry spells one byte per character and a SentencePiece
+    entry one character per character (``▁`` for a space, ``<0xNN>`` for a
+    byte), so no token covers more text than its entry is long, and a prompt of
+    more than ``context_length`` × this many characters has more tokens than
+    the context. (It holds for tokenizers that do not drop characters, as chat
+    models' do not.)
+    """
+    return max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))

@@ -8,6 +8,11 @@ only form a character together (emoji, CJK) decode to U+FFFD until complete
 and are held back until then; tokenisers that drop a leading space at the
 start of a decode see the same start in both decodes, so the difference is
 right.
+
+Stop strings are matched as the text arrives (:class:`StopMatcher`), in time
+linear in the text: a token costs the same whatever the length of the text so
+far or of the stop strings. Rescanning for every stop at every token cost
+3.9 ms per token on the engine thread with 4,000-character stops.
 """
 
 from __future__ import annotations
@@ -21,23 +26,81 @@ class Decoder(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 
+class StopMatcher:
+    """Finds the first stop string in text fed piece by piece, in linear time.
+
+    One Knuth–Morris–Pratt automaton per stop string (at most 4 in the OpenAI
+    API, so Aho–Corasick would buy nothing): each character advances each
+    automaton in amortised O(1), and the automaton's state is the longest tail
+    of the text that could still begin that stop string, which is exactly the
+    text to hold back. Nothing already fed is ever read again.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self._fail = [_prefix_function(s) for s in self.stops]
+        self._state = [0] * len(self.stops)  # characters of each stop matched at the end
+        self.fed = 0  # characters fed so far
+
+    def feed(self, piece: str) -> int | None:
+        """Advance over ``piece``; the start (an index into all the text fed) of
+        the first stop string it completes, else None. Of stops completed by the
+        same character the one that starts first wins; nothing is fed after a hit."""
+        for offset, char in enumerate(piece):
+            hit: int | None = None
+            for j, stop in enumerate(self.stops):
+                k, fail = self._state[j], self._fail[j]
+                while k and stop[k] != char:
+                    k = fail[k - 1]
+                if stop[k] == char:
+                    k += 1
+                if k == len(stop):
+                    start = self.fed + offset + 1 - k
+                    hit = start if hit is None else min(hit, start)
+                self._state[j] = k
+            if hit is not None:
+                self.fed += offset + 1
+                return hit
+        self.fed += len(piece)
+        return None
+
+    def partial(self) -> int:
+        """Characters at the end of the text fed that could begin a stop string."""
+        return max(self._state, default=0)
+
+
+def _prefix_function(s: str) -> list[int]:
+    """KMP's failure table: ``fail[i]`` is the longest proper border of ``s[:i + 1]``."""
+    fail = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
 class TextStream:
     """Turns a completion's tokens into text deltas that respect stop strings.
 
     ``push`` each generated token (not the EOS / stop token), then ``take`` the
     text that is safe to send: it never ends in half a character or in the
     beginning of a stop string, and it stops right before a stop string.
+    Only text not sent yet is kept (at most the longest stop string plus the
+    newest piece), so a long completion costs no more per token than a short one.
     """
 
     def __init__(self, tokenizer: Decoder | Any, stop: list[str] | None = None) -> None:
         self._tok = tokenizer
-        self._stop = [s for s in (stop or []) if s]
-        self._longest_stop = max((len(s) for s in self._stop), default=0)
+        self._stops = StopMatcher(stop or [])
         self._ids: list[int] = []
         self._prefix = 0  # start of the decode window
-        self._read = 0  # tokens before this index are already in ``text``
-        self.text = ""  # everything decoded so far (complete characters only)
-        self._sent = 0  # characters of ``text`` already handed out
+        self._read = 0  # tokens before this index are already decoded
+        self._held = ""  # decoded text not handed out yet (complete characters only)
+        self._sent = 0  # characters handed out (the index in the whole text where _held starts)
+        self._stop_at: int | None = None  # where the first stop string starts, once one appeared
         self.stopped = False
 
     def push(self, token_id: int) -> None:
@@ -54,19 +117,16 @@ class TextStream:
             return ""
         if final:
             self._decode(final=True)
-        if self._stop:
-            # A stop string may straddle what was sent and what is new.
-            start = max(0, self._sent - self._longest_stop + 1)
-            hits = [i for s in self._stop if (i := self.text.find(s, start)) != -1]
-            if hits:
-                self.stopped = True
-                return self._emit(max(min(hits), self._sent))
-        end = len(self.text) if final else len(self.text) - _partial_stop(self.text, self._stop)
-        return self._emit(max(end, self._sent))
+        if self._stop_at is not None:
+            self.stopped = True
+            return self._emit(self._stop_at - self._sent)
+        keep = 0 if final else self._stops.partial()
+        return self._emit(len(self._held) - keep)
 
-    def _emit(self, end: int) -> str:
-        delta = self.text[self._sent:end]
-        self._sent = end
+    def _emit(self, n: int) -> str:
+        n = max(0, min(n, len(self._held)))
+        delta, self._held = self._held[:n], self._held[n:]
+        self._sent += n
         return delta
 
     def _decode(self, final: bool) -> None:
@@ -76,17 +136,10 @@ class TextStream:
         before = self._tok.decode(self._ids[self._prefix:self._read], skip_special_tokens=True)
         after = self._tok.decode(window, skip_special_tokens=True)
         if (len(after) > len(before) and not after.endswith(_INCOMPLETE)) or final:
-            self.text += after[len(before):]
+            piece = after[len(before):]
+            if self._stop_at is None:  # text after a stop string is never sent: no need to scan it
+                self._held += piece
+                self._stop_at = self._stops.feed(piece)
             # The next window starts at this one's read point: a character
             # boundary, rendered at the start of both decodes alike.
             self._prefix, self._read = self._read, len(self._ids)
-
-def _partial_stop(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best

@@ -41,6 +41,9 @@ class SamplingParams:
     """Token ids that end the completion, in addition to the model's EOS."""
     ignore_eos: bool = False
     """Keep going past EOS (benchmarks that need exactly ``max_tokens``)."""
+    timeout_s: float | None = None
+    """Longest the request may take from its arrival, waiting included; then it ends
+    with :class:`RequestTimeout` and frees its slot and KV cells. None: no limit."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,15 @@ class EngineClosed(RuntimeError):
     """The engine was closed; requests in flight end with this error."""
 
 
+class RequestTimeout(RuntimeError):
+    """The request ran past ``SamplingParams.timeout_s`` and was aborted.
+
+    Not a ``TimeoutError``: callers map that to "the model did not answer" (503);
+    this one means the request itself took too long (504). One string argument,
+    so Ray can pickle it across the replica hop and re-raise it as this type.
+    """
+
+
 class GenerationEngine(abc.ABC):
     """A model, its tokenizer and a scheduler that batches concurrent requests."""
 
@@ -79,12 +91,17 @@ class GenerationEngine(abc.ABC):
         """Messages → prompt token ids, ending with the assistant's turn."""
 
     @abc.abstractmethod
-    def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 request_id: str) -> AsyncIterator[GenerationChunk]:
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                 group: str | None = None) -> AsyncIterator[GenerationChunk]:
         """Stream the completion of ``prompt_ids`` (an async generator).
 
+        ``group`` names the client request this sequence belongs to (the ``n``
+        choices of one HTTP request share it; default: ``request_id``): the
+        scheduler admits groups fairly and caps what one group holds.
+
         Raises ``ValueError`` for an empty prompt or one that leaves no room in
-        the context, :class:`EngineClosed` after :meth:`close`.
+        the context, :class:`EngineClosed` after :meth:`close`,
+        :class:`RequestTimeout` past ``params.timeout_s``.
         """
 
     @abc.abstractmethod

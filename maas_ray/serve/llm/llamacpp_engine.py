@@ -46,6 +46,10 @@ batch differ, it says so loudly and decodes one request at a time.
 
 Admission reserves ``prompt + max_tokens`` KV cells per request and never
 overcommits ``kv_cells``, so a running request never fails for lack of cache.
+One client request (its ``n`` choices) may reserve at most
+``max_request_share`` of ``kv_cells`` while it runs anything, so ``n=16`` with
+``max_tokens`` near the context runs a few choices at a time instead of taking
+every cell while everyone else waits (see :mod:`.batching`).
 
 Tokenisation, the chat template and detokenisation use the version's Hugging
 Face tokenizer (or one built from the GGUF's own vocabulary), exactly as the
@@ -171,13 +175,16 @@ class LlamaCppEngine(BatchingEngine):
     batch-independent greedy output for llama.cpp's matmul attention (the
     self-check then finds the difference and the engine decodes one request at
     a time). ``self_check=False`` skips the load-time batch check (~1 s).
+    ``max_request_share``: the most of the slots and KV cells one client
+    request may hold while it runs anything (its first sequence always starts).
     """
 
     def __init__(self, gguf_path: Path | str, tokenizer_dir: Path | str | None = None,
                  max_batch_size: int = 16, prefill_tokens_per_step: int = 512,
                  kv_cells: int = 16384, n_threads: int | None = None, flash_attn: bool = True,
-                 retired_cells_max: int = 2048, self_check: bool = True) -> None:
-        super().__init__(max_batch_size)
+                 retired_cells_max: int = 2048, self_check: bool = True,
+                 max_request_share: float = 0.5) -> None:
+        super().__init__(max_batch_size, max_request_share)
         self._lib = load_llama_cpp()
         self.gguf_path = Path(gguf_path)
         if not self.gguf_path.is_file():
@@ -275,19 +282,27 @@ class LlamaCppEngine(BatchingEngine):
         last step), cells of finished ones not freed yet, and the cache size."""
         return {"kv_cells_used": self._kv_used, "kv_cells_retired": self._retired, "kv_cells": self.kv_cells}
 
+    def _need(self, seq: Request) -> int:
+        """KV cells ``seq`` may fill: its prompt and every token it may generate."""
+        return min(len(seq.prompt) + seq.params.max_tokens, self.context_length)
+
+    def _group_may_grow(self, seq: Request, mates: list[Request]) -> bool:
+        held = sum(m.state.reserved for m in mates)
+        return super()._group_may_grow(seq, mates) and (
+            not mates or held + self._need(seq) <= self.max_request_share * self.kv_cells)
+
     def _admit(self) -> None:
         while True:
             with self._lock:
-                if not self._waiting or not self._free_ids:
+                if not self._free_ids or (seq := self._next_waiting()) is None:
                     return
-                seq = self._waiting[0]
-                need = min(len(seq.prompt) + seq.params.max_tokens, self.context_length)
+                need = self._need(seq)
                 if self._reserved + self._retired + need > self.kv_cells:
                     if self._retired:
                         self._free_retired()
                         continue
-                    return  # waits until running requests give cells back
-                self._waiting.popleft()
+                    return  # the fairest request waits until running ones give cells back
+                self._waiting.remove(seq)
                 seq.state = _Slot(self._free_ids.pop(), need, sampler=self._sampler(seq))
                 self._reserved += need
                 self._running.append(seq)  # visible to stats() while it prefills

@@ -37,6 +37,7 @@ class EngineConfig:
     model_engines: dict[str, EngineChoice] = field(default_factory=dict)
     max_batch_size: int = 16
     llama_cpp_threads: int | None = None
+    max_request_share: float = 0.5
 
     def requested(self, mv: ModelVersion) -> EngineChoice:
         """A pin for this exact version, else for the model name, else the default."""
@@ -83,11 +84,13 @@ def engine_loader(mv: ModelVersion, config: EngineConfig) -> Callable[[Path], Ge
         name = gguf_file(mv.card)
         return lambda path: LlamaCppEngine(path / str(name), tokenizer_dir=path,
                                            max_batch_size=config.max_batch_size,
-                                           n_threads=config.llama_cpp_threads)
+                                           n_threads=config.llama_cpp_threads,
+                                           max_request_share=config.max_request_share)
     from maas_ray.serve.llm.transformers_engine import TransformersEngine
 
     device = "cuda" if gpu else "cpu"
-    return lambda path: TransformersEngine(path, device=device, max_batch_size=config.max_batch_size)
+    return lambda path: TransformersEngine(path, device=device, max_batch_size=config.max_batch_size,
+                                           max_request_share=config.max_request_share)
 
 
 def _has_gpu() -> bool:

@@ -21,6 +21,7 @@ from maas_ray.registry import ModelVersion
 from maas_ray.serve.calls import replica_errors
 from maas_ray.serve.context import ServiceContext
 from maas_ray.serve.errors import APIError
+from maas_ray.serve.llm.engine import RequestTimeout
 from maas_ray.serve.openai import protocol as p
 
 CHAT_TASKS = ("chat",)
@@ -59,9 +60,13 @@ async def open_all(ctx: ServiceContext, mv: ModelVersion, req: p.SamplingFields,
                    prompt: Any) -> list[tuple[Any, int]]:
     """Open the ``n`` choices' streams; if one fails, stop those already running."""
     opened: list[tuple[Any, int]] = []
+    # group: the model server admits the n choices of one request fairly against other
+    # requests; stream: only non-streaming requests get its overall timeout.
+    extra = {"group": p.new_id("req"), "stream": req.stream}
     try:
         for i in range(req.n):
-            opened.append(await open_stream(ctx, mv, prompt, sampling(req, req.new_tokens(), i)))  # type: ignore[attr-defined]
+            params = {**sampling(req, req.new_tokens(), i), **extra}  # type: ignore[attr-defined]
+            opened.append(await open_stream(ctx, mv, prompt, params))
     except BaseException:
         for stream, _ in opened:
             stream.cancel()
@@ -82,7 +87,21 @@ async def complete(ctx: ServiceContext, mv: ModelVersion, req: p.SamplingFields,
                    prompt: Any, chat: bool) -> dict[str, Any]:
     """Non-streaming chat/completion with ``n`` choices."""
     opened = await open_all(ctx, mv, req, prompt)
-    results = await asyncio.gather(*(collect(stream) for stream, _ in opened))
+    tasks = [asyncio.ensure_future(collect(stream)) for stream, _ in opened]
+    limit = ctx.settings.llm.request_timeout_s
+    try:
+        # The model server aborts the sequences after llm.request_timeout_s (RequestTimeout);
+        # waiting longer here is only the backstop for a replica that stopped answering.
+        results = await asyncio.wait_for(asyncio.gather(*tasks), limit + ctx.settings.request_timeout_s)
+    except (RequestTimeout, TimeoutError):
+        raise APIError(504, f"the request did not finish within {limit:g} s (llm.request_timeout_s) and "
+                       "was stopped; ask for fewer max_tokens or choices, or stream the response",
+                       code="timeout") from None
+    finally:
+        for (stream, _), task in zip(opened, tasks):
+            if not task.done():  # another choice failed or timed out: free this one's slot too
+                task.cancel()
+                stream.cancel()
     prompt_tokens = opened[0][1]
     completion_tokens = sum(r[2] for r in results)
     if chat:
