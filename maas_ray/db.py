@@ -4,7 +4,9 @@ SQLite under the storage root by default (``{storage}/maas.db``); any SQLAlchemy
 URL in ``$MAAS_DATABASE_URL`` instead (``postgresql://...`` for a cluster, where
 several nodes write and the storage root may be an object store that cannot
 hold a SQLite file). Tables are created on first use; later issues add their
-own tables to the same :data:`Base`.
+own tables to the same :data:`Base`. A column added to an existing table must be
+nullable or have a ``server_default``: the first process that opens an older
+database adds it (:func:`add_missing_columns`), so old databases keep working.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, Float, ForeignKey, Integer, String, Text, create_engine,
-                        event)
+                        event, inspect)
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -134,7 +137,41 @@ def engine(url: str) -> Engine:
         eng = create_engine(url, pool_pre_ping=True,
                             json_serializer=lambda o: json.dumps(o, default=str))
     Base.metadata.create_all(eng)
+    add_missing_columns(eng)
     return eng
+
+
+def add_missing_columns(eng: Engine) -> list[str]:
+    """Add the columns this version declares that an existing table lacks; return them as
+    ``table.column``. ``create_all`` makes missing tables but never alters existing ones."""
+    added = []
+    for table in Base.metadata.sorted_tables:
+        inspector = inspect(eng)  # fresh: another process may have migrated meanwhile
+        if not inspector.has_table(table.name):
+            continue
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
+                continue
+            if not column.nullable and column.server_default is None:
+                raise DatabaseConfigError(
+                    f"table {table.name} lacks column {column.name}, which has no server default "
+                    "to add it with: give it one (server_default=...) or make it nullable")
+            quote = eng.dialect.identifier_preparer.quote
+            ddl = f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} " \
+                  f"{column.type.compile(dialect=eng.dialect)}"
+            if column.server_default is not None:
+                ddl += f" DEFAULT {column.server_default.arg.text}"  # type: ignore[attr-defined]
+            if not column.nullable:
+                ddl += " NOT NULL"
+            try:
+                with eng.begin() as conn:
+                    conn.exec_driver_sql(ddl)
+            except DBAPIError:  # a concurrent process added it first
+                if column.name not in {c["name"] for c in inspect(eng).get_columns(table.name)}:
+                    raise
+            added.append(f"{table.name}.{column.name}")
+    return added
 
 
 @contextmanager

@@ -4,6 +4,12 @@ Only ``/v1`` and ``/v2`` are guarded; ``/healthz``, ``/docs``, ``/openapi.json``
 and the console stay open. A good key sets ``request.state.tenant`` (what
 :func:`~maas_ray.serve.context.tenant_of` reads) and the tenant context variable
 that model resolution checks. Keys are never logged: errors name only the cause.
+
+Every guarded request is metered (one request, plus the tokens a route reports or
+its answer's ``usage`` shows). The key's tokens left today are published for the
+request (:func:`tokens_left`): routes that know a request's size before running it
+refuse one the budget cannot cover, or cut generation at the budget. Failed key
+checks are throttled and requests in flight capped per key (:mod:`.guards`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from maas_ray.auth.keys import ApiKey, AuthError, Denied, KeyStore
+from maas_ray.auth.guards import ConcurrencyLimit, FailureThrottle
+from maas_ray.auth.keys import ApiKey, AuthError, Denied, KeyStore, split_key
 from maas_ray.serve.limits import send_error
 
 logger = logging.getLogger(__name__)
@@ -27,6 +34,17 @@ METERED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 # Token counts a route reports itself (a stream without ``include_usage`` carries none in
 # its body; a stream the client dropped counts what was generated until then).
 _REPORTED: ContextVar[dict[str, int] | None] = ContextVar("maas_reported_usage", default=None)
+# The key's daily tokens left when the request was admitted (None: no budget, or auth off).
+_TOKENS_LEFT: ContextVar[int | None] = ContextVar("maas_tokens_left", default=None)
+
+
+def tokens_left() -> int | None:
+    """Prompt + completion tokens the request's key may still use today; ``None``: unlimited.
+
+    Concurrent requests of one key each see what was left when they were admitted, so
+    together they can pass the budget by at most ``max_concurrent - 1`` times that.
+    """
+    return _TOKENS_LEFT.get()
 
 
 def report_usage(prompt_tokens: int, completion_tokens: int) -> None:
@@ -70,6 +88,8 @@ class ApiKeyAuth:
     def __init__(self, app: Any, enabled: Callable[[], bool], store: Callable[[], KeyStore],
                  set_tenant: Callable[[str], Any]) -> None:
         self.app, self._enabled, self._store, self._set_tenant = app, enabled, store, set_tenant
+        # Per replica: this object lives in the ingress replica's process.
+        self._throttle, self._inflight = FailureThrottle(), ConcurrencyLimit()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not self._enabled():
@@ -87,15 +107,40 @@ class ApiKeyAuth:
                              {"WWW-Authenticate": "Bearer"})
             return
         store = self._store()
+        key = key.strip()
+        address = (scope.get("client") or ("unknown",))[0]
         try:
-            api_key: ApiKey = await run_in_threadpool(store.authenticate, key.strip())
-            await run_in_threadpool(store.admit, api_key)
+            api_key: ApiKey = await run_in_threadpool(
+                store.authenticate, key, lambda key_id: self._throttle.check(key_id, address))
         except AuthError as err:
+            try:
+                key_id: str | None = split_key(key)[0]
+            except AuthError:
+                key_id = None  # malformed: no hash was computed, the address still counts
+            self._throttle.fail(key_id, address)
             await send_error(scope, send, 401, str(err), "invalid_api_key", {"WWW-Authenticate": "Bearer"})
             return
         except Denied as err:
             await send_error(scope, send, 429, str(err), err.code, {"Retry-After": str(err.retry_after)})
             return
+        try:
+            self._inflight.acquire(api_key)
+        except Denied as err:
+            await send_error(scope, send, 429, str(err), err.code, {"Retry-After": str(err.retry_after)})
+            return
+        try:
+            try:
+                left = await run_in_threadpool(store.admit, api_key)
+            except Denied as err:
+                await send_error(scope, send, 429, str(err), err.code, {"Retry-After": str(err.retry_after)})
+                return
+            await self._serve(scope, receive, send, store, api_key, left)
+        finally:
+            self._inflight.release(api_key)
+
+    async def _serve(self, scope: Scope, receive: Any, send: Any, store: KeyStore, api_key: ApiKey,
+                     left: int | None) -> None:
+        """The request itself, for a key that passed every check; metered when it ends."""
         scope.setdefault("state", {})["tenant"] = api_key.tenant
         scope["state"]["api_key"] = api_key
         self._set_tenant(api_key.tenant)
@@ -104,6 +149,7 @@ class ApiKeyAuth:
         ok = True
         reported: dict[str, int] = {}
         _REPORTED.set(reported)
+        _TOKENS_LEFT.set(left)
 
         async def capture(message: dict[str, Any]) -> None:
             nonlocal ok

@@ -12,8 +12,9 @@ import datetime as dt
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
+from maas_ray.auth.keys import DEFAULT_MAX_CONCURRENT
 from maas_ray.cli.common import StorageOpt, console, err_console, user_errors
 
 app = typer.Typer(help="API keys: create (shown once), list, revoke.", no_args_is_help=True)
@@ -62,6 +63,8 @@ def create(
     rate: Annotated[str, typer.Option(help="Request rate limit, N/s|min|hour|day.")] = "60/min",
     tokens_per_day: Annotated[int | None, typer.Option(
         help="Prompt+completion tokens per UTC day [default: unlimited].")] = None,
+    max_concurrent: Annotated[int, typer.Option(
+        help="Requests in flight at once, per ingress replica; more get 429.")] = DEFAULT_MAX_CONCURRENT,
     admin: Annotated[bool, typer.Option(help="May manage keys (the /v1/admin routes).")] = False,
     storage: StorageOpt = None,
     url: RemoteUrlOpt = None,
@@ -73,18 +76,20 @@ def create(
     """
     if url:
         made = admin_call(url, admin_key, "POST", "/v1/admin/keys", json={
-            "tenant": tenant, "rate": rate, "tokens_per_day": tokens_per_day, "admin": admin})
+            "tenant": tenant, "rate": rate, "tokens_per_day": tokens_per_day,
+            "max_concurrent": max_concurrent, "admin": admin})
         info, secret = made, made["key"]
     else:
         from maas_ray.auth import KeyStore
 
         try:
-            key, secret = KeyStore(storage).create(tenant, rate, tokens_per_day, admin)
+            key, secret = KeyStore(storage).create(tenant, rate, tokens_per_day, admin, max_concurrent)
         except ValueError as err:
             raise _fail(str(err)) from None
         info = key.to_dict()
     console.print(f"key id {info['id']}  tenant {info['tenant']}  rate {info['rate']}  tokens/day "
-                  f"{info['tokens_per_day'] or 'unlimited'}{'  admin' if info['admin'] else ''}",
+                  f"{info['tokens_per_day'] or 'unlimited'}  concurrent {info['max_concurrent']}"
+                  f"{'  admin' if info['admin'] else ''}",
                   highlight=False)
     console.print("API key (shown once; send as 'Authorization: Bearer <key>'):")
     print(secret)
@@ -106,9 +111,12 @@ def ls(
         from maas_ray.auth import KeyStore
 
         rows = [k.to_dict() for k in KeyStore(storage).list(tenant)]
-    table = Table("id", "tenant", "key", "rate", "tokens/day", "admin", "created", "revoked")
+    # The id is what `revoke` takes: never cut it, whatever the terminal's width.
+    table = Table(Column("id", no_wrap=True, min_width=16), "tenant", "key", "rate", "tokens/day",
+                  "concurrent", "admin", "created", "revoked")
     for k in rows:
         table.add_row(k["id"], k["tenant"], k["display"], k["rate"], str(k["tokens_per_day"] or "-"),
+                      str(k.get("max_concurrent", "-")),
                       "yes" if k["admin"] else "", _when(k["created_at"]), _when(k["revoked_at"]))
     console.print(table)
 

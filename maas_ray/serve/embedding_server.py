@@ -37,17 +37,29 @@ class EmbeddingServer:
                                   TextClassifier if task == "text-classification" else Embedder)
 
     @track_ongoing("embedder")
-    async def classify(self, model_id: str, texts: list[str]) -> dict[str, Any]:
+    async def classify(self, model_id: str, texts: list[str],
+                       tokens_left: int | None = None) -> dict[str, Any]:
+        """Labels and probabilities, and the tokens read (metered); ``tokens_left``: the API
+        key's daily budget, which the texts must fit or they are not run."""
         model = await self.get_model(model_id)
+        tokens = await asyncio.to_thread(count_tokens, model, texts)
+        if tokens_left is not None and tokens > tokens_left:
+            return over_budget(tokens, tokens_left)
         labels, probs = await asyncio.to_thread(model.classify, texts)
-        return {"predictions": labels, "probabilities": probs, "classes": model.classes}
+        return {"predictions": labels, "probabilities": probs, "classes": model.classes,
+                "prompt_tokens": tokens}
 
     @track_ongoing("embedder")
-    async def embed(self, model_id: str, texts: list[str], dimensions: int | None) -> dict[str, Any]:
+    async def embed(self, model_id: str, texts: list[str], dimensions: int | None,
+                    tokens_left: int | None = None) -> dict[str, Any]:
         model = await self.get_model(model_id)
         if dimensions is not None and dimensions > model.dimensions:
             return {"error": f"dimensions={dimensions} exceeds the model's {model.dimensions}",
                     "param": "dimensions"}
+        if tokens_left is not None:  # counted before the forward pass, which costs far more
+            tokens = await asyncio.to_thread(count_tokens, model, texts)
+            if tokens > tokens_left:
+                return over_budget(tokens, tokens_left)
         return await self.embed_batch(model_id, texts, dimensions)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
@@ -72,3 +84,16 @@ class EmbeddingServer:
                 out[i] = {"embeddings": vecs, "prompt_tokens": int(sum(tokens[start:start + n]))}
                 start += n
         return out  # type: ignore[return-value]
+
+
+def count_tokens(model: Any, texts: list[str]) -> int:
+    """Tokens the model reads for ``texts``, after truncation (as it runs them)."""
+    if not texts:
+        return 0
+    ids = model.tokenizer(texts, truncation=True, max_length=model.max_length)["input_ids"]
+    return sum(len(row) for row in ids)
+
+
+def over_budget(tokens: int, tokens_left: int) -> dict[str, Any]:
+    return {"error": f"the input has {tokens} tokens, more than the API key's daily budget has "
+                     f"left ({tokens_left})", "code": "insufficient_quota", "status": 429}

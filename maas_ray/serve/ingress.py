@@ -14,6 +14,7 @@ from maas_ray.auth.keys import KeyStore
 from maas_ray.auth.middleware import ApiKeyAuth
 from maas_ray.serve.context import get_context, set_context, set_current_tenant
 from maas_ray.serve.errors import install_error_handlers
+from maas_ray.serve.hosts import HostAllowList
 from maas_ray.serve.limits import BodySizeLimit, JsonDepthLimit, is_upload
 from maas_ray.serve.metrics import MeteredContext, RequestMetrics
 from maas_ray.serve.openai import router as openai_router
@@ -31,7 +32,7 @@ def body_limit(scope: dict[str, Any]) -> int:
     return settings.max_body_bytes
 
 
-_AUTH: dict[str, Any] = {"enabled": False, "store": None}
+_AUTH: dict[str, Any] = {"enabled": False, "store": None, "hosts": ["*"]}
 
 
 # Named module functions, not lambdas: Serve pickles the FastAPI app, and a lambda
@@ -44,12 +45,19 @@ def key_store() -> KeyStore:
     return _AUTH["store"]
 
 
+def allowed_hosts() -> list[str]:
+    return _AUTH["hosts"]
+
+
 def configure_auth(settings: AppArgs) -> bool:
-    """Set this replica's key store and whether keys are required (a module function: the
-    ingress class is pickled by value, so it must not write module globals itself)."""
+    """Set this replica's key store, whether keys are required and the Host allow-list (a
+    module function: the ingress class is pickled by value, so it must not write module
+    globals itself)."""
+    asks = settings.http_host is None and (settings.auth == "auto" or settings.allowed_hosts is None)
+    serve_host = _serve_http_host() if asks else None
     _AUTH["store"] = KeyStore(settings.storage_root())
-    _AUTH["enabled"] = settings.auth_enabled(None if settings.auth != "auto" or settings.http_host
-                                             else _serve_http_host())
+    _AUTH["enabled"] = settings.auth_enabled(serve_host)
+    _AUTH["hosts"] = settings.host_allow_list(serve_host)
     return bool(_AUTH["enabled"])
 
 
@@ -101,6 +109,8 @@ def make_fastapi_app() -> FastAPI:
     app.add_middleware(ApiKeyAuth, enabled=auth_enabled, store=key_store, set_tenant=set_current_tenant)
     # Outside auth: a browser's preflight (OPTIONS) carries no key.
     app.add_middleware(Cors)
+    # Before anything answers: a rebound name (DNS rebinding) gets no page, preflight or error.
+    app.add_middleware(HostAllowList, allowed=allowed_hosts)
     # Outermost, so it also counts what inner middleware refuses (413).
     app.add_middleware(RequestMetrics, paths=lambda: list(app.openapi()["paths"]))
     for module in (health, tabular, cards, openai_router, files, fine_tuning, admin, oip, console):
@@ -120,5 +130,5 @@ class Ingress:
         set_context(MeteredContext(settings=settings, registry=Registry(settings.storage_root()),
                                    handles=handles))
         required = configure_auth(settings)
-        logger.info("maas ingress ready (storage %s, API keys %s)", settings.storage_root(),
-                    "required" if required else "off")
+        logger.info("maas ingress ready (storage %s, API keys %s, Host allow-list %s)",
+                    settings.storage_root(), "required" if required else "off", allowed_hosts())

@@ -94,8 +94,17 @@ class LLMServer:
                             f"the context length {engine.context_length}", "param": "max_tokens",
                    "code": "context_length_exceeded"}
             return
+        max_tokens = max_tokens or min(DEFAULT_MAX_TOKENS, room)
+        if params.get("tokens_left") is not None:  # the key's daily budget, shared by n choices
+            share = (params["tokens_left"] - len(ids)) // max(1, params.get("choices", 1))
+            if share < 1:
+                yield {"error": f"the prompt has {len(ids)} tokens, more than the API key's daily budget "
+                                f"has left ({params['tokens_left']})", "code": "insufficient_quota",
+                       "status": 429}
+                return
+            max_tokens = min(max_tokens, share)  # cut at the budget: finish_reason "length"
         sampling = SamplingParams(
-            max_tokens=max_tokens or min(DEFAULT_MAX_TOKENS, room),
+            max_tokens=max_tokens,
             temperature=params.get("temperature", 1.0),
             top_p=params.get("top_p", 1.0),
             stop=list(params.get("stop") or []),

@@ -108,7 +108,13 @@ class AppArgs(BaseModel):
     )
     http_host: str | None = Field(
         default=None, description="The interface Serve's HTTP proxy listens on, for auth='auto' "
-        "(`maas up` passes its --host); unset: asked from the running Serve instance."
+        "and allowed_hosts (`maas up` passes its --host); unset: asked from the running Serve instance."
+    )
+    allowed_hosts: list[str] | None = Field(
+        default=None, description="Names requests may carry in their Host header (any port): "
+        "'example.com', '*.example.com' (its subdomains), '*' (any); others get 400. Unset: "
+        "localhost, 127.0.0.1 and [::1] when the HTTP server listens on loopback only (so a web "
+        "page cannot reach the local service through DNS rebinding), else any."
     )
     predictor: PredictorArgs = Field(default_factory=PredictorArgs, description="Tabular predictor.")
     llm: LLMArgs = Field(default_factory=LLMArgs, description="Chat/completion models.")
@@ -151,12 +157,22 @@ class AppArgs(BaseModel):
         host = self.http_host or serve_host
         return not is_loopback(host) if host is not None else True
 
+    def host_allow_list(self, serve_host: str | None = None) -> list[str]:
+        """:attr:`allowed_hosts`, or its default for the interface Serve listens on."""
+        if self.allowed_hosts is not None:
+            return list(self.allowed_hosts)
+        host = self.http_host or serve_host
+        return list(LOOPBACK_NAMES) if host is not None and is_loopback(host) else ["*"]
+
     def storage_root(self) -> str:
         return storage.storage_root(self.storage)
 
     def deployment_options(self, name: str) -> dict[str, Any]:
         """Options for ``Deployment.options()`` from :attr:`deployments`."""
         return dict(self.deployments.get(name, {}))
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
 def is_loopback(host: str) -> bool:

@@ -73,3 +73,107 @@ def test_cli_creates_lists_revokes_and_reports_usage(tmp_path: Path) -> None:
     KeyStore(str(tmp_path)).record(key, 7, 3)
     r = runner.invoke(app, ["usage", "--tenant", "acme"], env=env)
     assert r.exit_code == 0 and "acme" in r.output and "7" in r.output
+
+
+def test_unknown_revoked_and_wrong_keys_cost_the_same_hash(tmp_path: Path, monkeypatch) -> None:
+    # Timing would tell which key ids exist if only real ids paid for PBKDF2; count the
+    # hashes instead of timing them (a timing test is flaky on a shared machine).
+    from maas_ray.auth import keys as keys_module
+
+    store = KeyStore(str(tmp_path))
+    live, good = store.create("acme")
+    gone, revoked = store.create("acme")
+    store.revoke(gone.id)
+    hashes: list[bytes] = []
+    real_hash = keys_module._hash
+    monkeypatch.setattr(keys_module, "_hash", lambda secret, salt: hashes.append(salt) or real_hash(secret, salt))
+    wrong = good[:-1] + ("a" if good[-1] != "a" else "b")
+    unknown = f"maas-{'0' * 16}-{good.split('-', 2)[2]}"
+    for key in (wrong, unknown, revoked):
+        hashes.clear()
+        with pytest.raises(AuthError, match="invalid or revoked API key"):
+            store.authenticate(key)
+        assert len(hashes) == 1, key  # one PBKDF2 of the same iterations, whatever the cause
+    hashes.clear()
+    assert store.authenticate(good).id == live.id and len(hashes) == 1
+    assert store.authenticate(good).id == live.id and len(hashes) == 1  # verified: no second hash
+    store.revoke(live.id)
+    with pytest.raises(AuthError):
+        store.authenticate(good)  # the row is read every time: revocation holds at once
+
+
+def test_failed_checks_are_throttled_per_key_id_and_per_address_before_hashing(tmp_path: Path,
+                                                                              monkeypatch) -> None:
+    from maas_ray.auth import keys as keys_module
+    from maas_ray.auth.guards import FailureThrottle
+
+    clock = [1000.0]
+    throttle = FailureThrottle(per_key_id=3, per_address=5, window_s=60, clock=lambda: clock[0])
+    store = KeyStore(str(tmp_path))
+    victim, good = store.create("acme")
+    _, other = store.create("acme")
+    store.authenticate(good)  # its owner verified the key before the attack
+    hashes: list[int] = []
+    real_hash = keys_module._hash
+    monkeypatch.setattr(keys_module, "_hash", lambda s, salt: hashes.append(1) or real_hash(s, salt))
+    wrong = good[:-1] + ("a" if good[-1] != "a" else "b")
+
+    def attempt(key: str, address: str) -> str:
+        try:
+            store.authenticate(key, lambda key_id: throttle.check(key_id, address))
+            return "ok"
+        except AuthError:
+            throttle.fail(keys_module.split_key(key)[0], address)
+            return "401"
+        except Denied as err:
+            assert err.code == "too_many_failed_attempts" and 1 <= err.retry_after <= 60
+            return "429"
+
+    assert [attempt(wrong, "10.0.0.1") for _ in range(4)] == ["401"] * 3 + ["429"]
+    assert len(hashes) == 3  # the refused attempt computed nothing
+    assert attempt(wrong, "10.0.0.2") == "429"  # per key id, from any address
+    assert attempt(good, "10.0.0.2") == "ok"  # the owner's verified key needs no hash: still served
+    assert attempt(other, "10.0.0.1") == "ok"  # another id from the same address
+    unknown = f"maas-{'f' * 16}-{'x' * 43}"
+    assert [attempt(unknown, "10.0.0.1") for _ in range(3)] == ["401", "401", "429"]  # address: 5 failures
+    assert attempt(other, "10.0.0.1") == "ok"  # verified before: no hash, no throttle
+    clock[0] += 60  # the next window
+    assert attempt(wrong, "10.0.0.1") == "401" and victim.id
+
+
+def test_concurrency_limit_counts_requests_in_flight_per_key(tmp_path: Path) -> None:
+    from maas_ray.auth.guards import ConcurrencyLimit
+
+    key, _ = KeyStore(str(tmp_path)).create("acme", max_concurrent=2)
+    limit = ConcurrencyLimit()
+    limit.acquire(key)
+    limit.acquire(key)
+    with pytest.raises(Denied) as denied:
+        limit.acquire(key)
+    assert denied.value.code == "too_many_concurrent_requests" and denied.value.retry_after == 1
+    limit.release(key)
+    limit.acquire(key)
+    assert limit.inflight(key.id) == 2
+
+
+def test_a_database_from_before_max_concurrent_keeps_working(tmp_path: Path) -> None:
+    # The api_keys table as the first release made it: no max_concurrent column.
+    con = sqlite3.connect(tmp_path / "maas.db")
+    con.execute("CREATE TABLE api_keys (id VARCHAR(32) NOT NULL PRIMARY KEY, tenant VARCHAR(128) NOT NULL, "
+                "salt VARCHAR(64) NOT NULL, hash VARCHAR(128) NOT NULL, display VARCHAR(64) NOT NULL, "
+                "rate_limit INTEGER NOT NULL, rate_window_s INTEGER NOT NULL, tokens_per_day BIGINT, "
+                "admin BOOLEAN NOT NULL, created_at BIGINT NOT NULL, revoked_at BIGINT)")
+    con.execute("INSERT INTO api_keys VALUES ('00000000000000aa', 'old', '00', 'x', 'maas-00…', 60, 60, "
+                "NULL, 0, 1, NULL)")
+    con.commit()
+    con.close()
+    store = KeyStore(str(tmp_path))
+    [old] = store.list()
+    assert old.tenant == "old" and old.max_concurrent == 16
+    made, _ = store.create("new", max_concurrent=3)
+    assert {k.id: k.max_concurrent for k in store.list()} == {old.id: 16, made.id: 3}
+    with pytest.raises(ValueError, match="between 1 and 100000"):
+        store.create("new", max_concurrent=0)
+    r = CliRunner().invoke(app, ["keys", "create", "--tenant", "cli", "--max-concurrent", "4"],
+                           env={"MAAS_HOME": str(tmp_path)})
+    assert r.exit_code == 0 and "concurrent 4" in r.output, r.output

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from maas_ray.auth.middleware import report_usage
+from maas_ray.auth.keys import seconds_to_midnight
+from maas_ray.auth.middleware import report_usage, tokens_left
 from maas_ray.registry import ModelVersion
 from maas_ray.serve.calls import replica_errors
 from maas_ray.serve.context import ServiceContext
@@ -35,9 +36,21 @@ def require_task(mv: ModelVersion, tasks: tuple[str, ...], route: str) -> None:
 
 
 def sampling(req: p.SamplingFields, new_tokens: int | None, seed_offset: int) -> dict[str, Any]:
+    # tokens_left: the API key's daily budget; the model server refuses a prompt it cannot
+    # cover and cuts each of the n choices at its share (it alone knows the prompt's tokens).
     return {"max_tokens": new_tokens, "temperature": req.temperature, "top_p": req.top_p,
             "stop": req.stop_list(),
-            "seed": None if req.seed is None else req.seed + seed_offset}
+            "seed": None if req.seed is None else req.seed + seed_offset,
+            "tokens_left": tokens_left(), "choices": req.n}
+
+
+def model_error(result: dict[str, Any]) -> APIError:
+    """A model server's ``{"error"}`` answer: 400 for input it cannot take, 429 for input
+    over the API key's daily token budget."""
+    status = int(result.get("status", 400))
+    headers = {"Retry-After": str(seconds_to_midnight())} if status == 429 else None
+    return APIError(status, result["error"], result.get("param"), result.get("code", "invalid_value"),
+                    headers)
 
 
 async def open_stream(ctx: ServiceContext, mv: ModelVersion, prompt: Any,
@@ -50,7 +63,7 @@ async def open_stream(ctx: ServiceContext, mv: ModelVersion, prompt: Any,
         first = await asyncio.wait_for(stream.__anext__(), timeout=timeout)
     if "error" in first:
         stream.cancel()
-        raise APIError(400, first["error"], first.get("param"), first.get("code", "invalid_value"))
+        raise model_error(first)
     if first.get("engine"):
         ctx.engines[mv.id] = first["engine"]
     return stream, int(first["prompt_tokens"])
@@ -189,9 +202,10 @@ async def embed(ctx: ServiceContext, mv: ModelVersion, req: p.EmbeddingRequest) 
     texts = req.texts()
     timeout = ctx.settings.request_timeout_s
     with replica_errors(mv, timeout):
-        result = await asyncio.wait_for(handle.embed.remote(mv.id, texts, req.dimensions), timeout)
+        result = await asyncio.wait_for(handle.embed.remote(mv.id, texts, req.dimensions, tokens_left()),
+                                        timeout)
     if "error" in result:
-        raise APIError(400, result["error"], result.get("param"), "invalid_value")
+        raise model_error(result)
     vectors = np.asarray(result["embeddings"], dtype=np.float32)  # (N, D)
     data = []
     for i, vec in enumerate(vectors):

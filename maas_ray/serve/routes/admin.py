@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from maas_ray.auth import ApiKey, AuthError, KeyStore
+from maas_ray.auth.keys import DEFAULT_MAX_CONCURRENT
 from maas_ray.serve.context import get_context
 from maas_ray.serve.errors import APIError, documented
 from maas_ray.serve.routes.files import database_errors
@@ -60,6 +61,8 @@ class KeyCreate(BaseModel):
     rate: str = Field(default="60/min", max_length=32, description="Request rate limit, N/s|min|hour|day.")
     tokens_per_day: int | None = Field(default=None, ge=1, le=10**15,
                                        description="Prompt+completion tokens per UTC day; null: unlimited.")
+    max_concurrent: int = Field(default=DEFAULT_MAX_CONCURRENT, ge=1, le=100_000,
+                                description="Requests in flight at once, per ingress replica; more get 429.")
     admin: bool = Field(default=False, description="May manage keys.")
 
 
@@ -70,6 +73,7 @@ class KeyInfo(BaseModel):
     display: str
     rate: str
     tokens_per_day: int | None
+    max_concurrent: int
     admin: bool
     created_at: int
     revoked_at: int | None
@@ -102,7 +106,8 @@ class UsageList(BaseModel):
 @database_errors
 def create_key(body: KeyCreate, _: Admin) -> dict[str, Any]:
     try:
-        key, secret = store().create(body.tenant, body.rate, body.tokens_per_day, body.admin)
+        key, secret = store().create(body.tenant, body.rate, body.tokens_per_day, body.admin,
+                                     body.max_concurrent)
     except ValueError as err:
         raise APIError(400, str(err), None, "invalid_value") from None
     return {**key.to_dict(), "key": secret}
