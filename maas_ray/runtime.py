@@ -72,6 +72,27 @@ def private_temp_dir() -> str:
     return tempfile.mkdtemp(prefix="maas-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
 
 
+# Ray's switch for single-machine Rays (its default on macOS and Windows): nodes on 127.0.0.1.
+LOOPBACK_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def loopback_node() -> None:
+    """Make the next embedded Ray a node on 127.0.0.1, so that its Prometheus endpoint
+    listens on loopback only instead of on every interface.
+
+    Ray's metrics agent binds 127.0.0.1 only when the node's IP is a loopback one, and on
+    Linux ``ray.init`` turns a loopback ``_node_ip_address`` into the machine's address
+    (``services.resolve_ip_for_localhost``, Ray 2.60). Ray's own single-machine switch
+    keeps the node on 127.0.0.1. It is set for this process and, through the environment,
+    for every process Ray starts: a fine-tuning job's driver must look for its raylet on
+    127.0.0.1 too. A driver started elsewhere that joins this Ray needs it as well.
+    """
+    from ray._private import ray_constants
+
+    os.environ[LOOPBACK_NODE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import, and ray may be imported by now
+
+
 def joins(address: str | None) -> str | None:
     """The cluster address to join, or None for an embedded local Ray."""
     address = address or os.environ.get("RAY_ADDRESS")

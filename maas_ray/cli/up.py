@@ -48,9 +48,9 @@ def up(
     from ray import serve
 
     from maas_ray import storage as st
-    from maas_ray.runtime import joins, quiet_ray_data, ray_session
+    from maas_ray.runtime import joins, loopback_node, quiet_ray_data, ray_session
     from maas_ray.serve.app import build_app
-    from maas_ray.serve.settings import AppArgs
+    from maas_ray.serve.settings import AppArgs, is_loopback
 
     if auth not in ("auto", "on", "off"):
         raise typer.BadParameter(f"{auth!r}: expected auto, on or off", param_hint="--auth")
@@ -58,8 +58,13 @@ def up(
     app_args = AppArgs(storage=root, auth=auth, http_host=host)  # type: ignore[arg-type]
     os.environ["MAAS_HOME"] = root  # training jobs started from here use the same root
     if not joins(address):
-        # Ray's metrics agent listens on every interface, whatever --host says.
-        for flag, bind, number in (("--port", host, port), ("--metrics-port", "0.0.0.0", metrics_port)):
+        # Ray's metrics agent listens on every interface unless its node is on loopback:
+        # serving on loopback, the embedded Ray is a loopback node too.
+        metrics_bind = "0.0.0.0"
+        if is_loopback(host):
+            loopback_node()
+            metrics_bind = "127.0.0.1"
+        for flag, bind, number in (("--port", host, port), ("--metrics-port", metrics_bind, metrics_port)):
             if not _port_free(bind, number):
                 raise typer.BadParameter(f"port {number} is in use; choose another", param_hint=flag)
     if import_base:
