@@ -20,9 +20,9 @@ from sqlalchemy import select
 
 from maas_ray import db, storage
 from maas_ray.finetune.formats import DataFormatError, FileSummary, LineValidator
+from maas_ray.tenancy import DEFAULT_TENANT, owns
 
 PURPOSES = ("fine-tune", "batch", "user_data", "assistants", "evals")
-DEFAULT_TENANT = "default"
 CHUNK_BYTES = 1 << 20  # read and written at a time (file contents, re-validation)
 
 
@@ -80,7 +80,7 @@ class FileStore:
     def get(self, file_id: str, tenant: str = DEFAULT_TENANT) -> StoredFile:
         with db.session(self.root) as s:
             row = s.get(db.FileRow, file_id)
-            if row is None or row.tenant != tenant:
+            if not owns(row, tenant):
                 raise FileNotFound(f"no such file: {file_id!r}")
             return _stored(row)
 
@@ -122,7 +122,7 @@ class FileStore:
     def delete(self, file_id: str, tenant: str = DEFAULT_TENANT) -> None:
         with db.session(self.root) as s:
             row = s.get(db.FileRow, file_id)
-            if row is None or row.tenant != tenant:
+            if not owns(row, tenant):
                 raise FileNotFound(f"no such file: {file_id!r}")
             uri = row.uri
             s.delete(row)
