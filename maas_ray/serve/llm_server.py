@@ -28,6 +28,9 @@ from maas_ray.serve.metrics import meter_generation
 MAX_LLMS_PER_REPLICA = int(os.environ.get("MAAS_MAX_LLMS_PER_REPLICA", "2"))
 # A request without max_tokens generates at most this many (and never past the context).
 DEFAULT_MAX_TOKENS = int(os.environ.get("MAAS_DEFAULT_MAX_TOKENS", "256"))
+# The longest stop string: each request builds a matching table as long as its stops
+# (linear, but on the event loop), and no sensible stop string comes near this.
+MAX_STOP_CHARS = 4096
 
 
 @serve.deployment(
@@ -76,6 +79,11 @@ class LLMServer:
         except EngineUnavailable as err:
             yield {"error": str(err), "param": "model", "code": "model_not_supported"}
             return
+        stops = list(params.get("stop") or [])
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            yield {"error": f"stop strings may have at most {MAX_STOP_CHARS} characters", "param": "stop",
+                   "code": "invalid_value"}
+            return
         try:
             ids = await tokenize(engine, prompt)
         except PromptTooLong as err:
@@ -107,7 +115,7 @@ class LLMServer:
             max_tokens=max_tokens,
             temperature=params.get("temperature", 1.0),
             top_p=params.get("top_p", 1.0),
-            stop=list(params.get("stop") or []),
+            stop=stops,
             seed=params.get("seed"),
             # A stream's client sees progress and can hang up; a non-streaming one cannot.
             timeout_s=None if params.get("stream") else self.request_timeout_s,

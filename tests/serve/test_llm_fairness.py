@@ -6,6 +6,7 @@ tokenized off the event loop (and refused untokenized when they cannot fit)."""
 from __future__ import annotations
 
 import asyncio
+import random
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,60 @@ def test_timeout_aborts_a_request_and_frees_what_it_held(engine) -> None:
         assert finish == "length" and text
 
     asyncio.run(main())
+
+
+class _Stream:
+    """A model server's answer stream as the ingress sees it: the first chunk, then
+    ``end`` (an exception to raise, or None: never answers again)."""
+
+    def __init__(self, end: BaseException | None) -> None:
+        self.end, self.first, self.cancelled = end, True, False
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> dict:
+        if self.first:
+            self.first = False
+            return {"prompt_tokens": 3, "engine": None}
+        if self.end is None:
+            await asyncio.Event().wait()
+        raise self.end
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_non_streaming_request_past_its_timeout_gets_504_and_its_choices_stop() -> None:
+    from types import SimpleNamespace
+
+    from maas_ray.registry import ModelVersion
+    from maas_ray.serve.errors import APIError
+    from maas_ray.serve.openai import protocol, serving
+    from maas_ray.serve.settings import AppArgs
+
+    def complete(ends: list[BaseException | None], settings: AppArgs) -> tuple[APIError, list[_Stream]]:
+        streams, sent = [_Stream(end) for end in ends], []
+        generate = SimpleNamespace(remote=lambda mv_id, prompt, params: sent.append(params) or streams[len(sent) - 1])
+        handle = SimpleNamespace(options=lambda **_: SimpleNamespace(generate=generate))
+        ctx = SimpleNamespace(handles={"llm": handle}, settings=settings, engines={})
+        req = protocol.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], n=len(ends))
+        mv = ModelVersion("m", 1, "file:///nowhere", {"task": "chat"})
+        with pytest.raises(APIError) as err:
+            asyncio.run(serving.complete(ctx, mv, req, [{"role": "user", "content": "hi"}], chat=True))
+        # One group for the request's choices, and the server is told it is not a stream.
+        assert len({p["group"] for p in sent}) == 1 and not any(p["stream"] for p in sent)
+        return err.value, streams
+
+    # The model server aborted choice 0 (RequestTimeout comes back through Ray as itself);
+    # choice 1, still running, is stopped so its slot is freed.
+    err, streams = complete([RequestTimeout("did not finish within 600 s"), None], AppArgs())
+    assert (err.status, err.code) == (504, "timeout") and "llm.request_timeout_s" in err.message
+    assert streams[1].cancelled
+    # A replica that stops answering altogether: the ingress's own backstop.
+    quick = AppArgs(request_timeout_s=0.05, llm={"request_timeout_s": 0.05})
+    err, streams = complete([None], quick)
+    assert err.status == 504 and streams[0].cancelled
 
 
 def test_prompts_are_tokenized_off_the_event_loop(engine, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,3 +245,17 @@ def test_stop_string_across_tokens_and_the_first_stop_wins() -> None:
     assert run("say ENENDx", ["END"], 1) == ("say EN", True)  # a failed start is text, then a stop
     assert run("a<|im_end|>b", ["<|im_end|>", "|im"], 3) == ("a<", True)  # the first to complete wins
     assert run("abcd", ["bc", "abcd"], 4) == ("a", True)
+
+    def reference(text: str, stops: list[str]) -> tuple[str, bool]:
+        """The text before the stop that completes first (at a tie, the one starting first)."""
+        for end in range(1, len(text) + 1):
+            starts = [end - len(s) for s in stops if text[:end].endswith(s)]
+            if starts:
+                return text[:min(starts)], True
+        return text, False
+
+    rng = random.Random(0)
+    for _ in range(300):  # small alphabets: many overlapping near misses
+        text = "".join(rng.choices("abc", k=rng.randint(0, 40)))
+        stops = ["".join(rng.choices("abc", k=rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
+        assert run(text, stops, rng.randint(1, 5)) == reference(text, stops), (text, stops)

@@ -46,21 +46,30 @@ class StopMatcher:
         """Advance over ``piece``; the start (an index into all the text fed) of
         the first stop string it completes, else None. Of stops completed by the
         same character the one that starts first wins; nothing is fed after a hit."""
-        for offset, char in enumerate(piece):
-            hit: int | None = None
-            for j, stop in enumerate(self.stops):
-                k, fail = self._state[j], self._fail[j]
-                while k and stop[k] != char:
-                    k = fail[k - 1]
-                if stop[k] == char:
-                    k += 1
+        first: tuple[int, int] | None = None  # (end in piece, start in all text) of the first hit
+        for j, stop in enumerate(self.stops):
+            k, fail, i = self._state[j], self._fail[j], 0
+            while i < len(piece):
+                if k == 0:  # no match under way: jump to where this stop can begin, at C speed
+                    i = piece.find(stop[0], i)
+                    if i == -1:
+                        break
+                    k, i = 1, i + 1
+                else:
+                    char = piece[i]
+                    while k and stop[k] != char:
+                        k = fail[k - 1]
+                    if stop[k] == char:
+                        k += 1
+                    i += 1
                 if k == len(stop):
-                    start = self.fed + offset + 1 - k
-                    hit = start if hit is None else min(hit, start)
-                self._state[j] = k
-            if hit is not None:
-                self.fed += offset + 1
-                return hit
+                    hit = (i, self.fed + i - k)
+                    first = hit if first is None else min(first, hit)
+                    break
+            self._state[j] = k
+        if first is not None:
+            self.fed += first[0]
+            return first[1]
         self.fed += len(piece)
         return None
 

@@ -106,15 +106,15 @@ async def complete(ctx: ServiceContext, mv: ModelVersion, req: p.SamplingFields,
         # The model server aborts the sequences after llm.request_timeout_s (RequestTimeout);
         # waiting longer here is only the backstop for a replica that stopped answering.
         results = await asyncio.wait_for(asyncio.gather(*tasks), limit + ctx.settings.request_timeout_s)
-    except (RequestTimeout, TimeoutError):
-        raise APIError(504, f"the request did not finish within {limit:g} s (llm.request_timeout_s) and "
-                       "was stopped; ask for fewer max_tokens or choices, or stream the response",
-                       code="timeout") from None
-    finally:
+    except BaseException as err:  # a choice failed or timed out, or the client left: free every slot
         for (stream, _), task in zip(opened, tasks):
-            if not task.done():  # another choice failed or timed out: free this one's slot too
-                task.cancel()
-                stream.cancel()
+            task.cancel()
+            stream.cancel()
+        if isinstance(err, (RequestTimeout, TimeoutError)):
+            raise APIError(504, f"the request did not finish within {limit:g} s (llm.request_timeout_s) "
+                           "and was stopped; ask for fewer max_tokens or choices, or stream the response",
+                           code="timeout") from None
+        raise
     prompt_tokens = opened[0][1]
     completion_tokens = sum(r[2] for r in results)
     if chat:
