@@ -117,18 +117,23 @@ def test_rate_limit_holds_across_two_ingress_replicas(auth_url: str, keys) -> No
 
 
 def test_tokens_are_metered_and_the_daily_budget_enforced(auth_url: str, keys) -> None:
-    key, secret = keys.create("tenant-tokens", rate="1000/min", tokens_per_day=8)
+    key, secret = keys.create("tenant-tokens", rate="1000/min", tokens_per_day=9)
     with httpx.Client(timeout=120) as c:
+        # 11 tokens: more than the whole budget, refused before it runs (more in
+        # tests/auth/test_budgets_and_throttle.py).
         r = c.post(f"{auth_url}/v1/embeddings", headers=bearer(secret),
                    json={"model": EMBEDDER, "input": "the quick brown fox jumps over the lazy dog"})
-        assert r.status_code == 200, r.text
-        tokens = r.json()["usage"]["prompt_tokens"]
-        assert tokens > 8
+        assert_openai_error(r, 429, "rate_limit_error")
+        assert r.json()["error"]["code"] == "insufficient_quota"
+        for _ in range(3):
+            r = c.post(f"{auth_url}/v1/embeddings", headers=bearer(secret), json={"model": EMBEDDER, "input": "x"})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["prompt_tokens"] == 3  # [CLS] x [SEP]
         deadline = time.monotonic() + 10  # usage is recorded as the answer completes
-        while not keys.usage("tenant-tokens") and time.monotonic() < deadline:
+        while sum(u["requests"] for u in keys.usage("tenant-tokens")) < 4 and time.monotonic() < deadline:
             time.sleep(0.1)
         [row] = keys.usage("tenant-tokens")
-        assert row["requests"] == 1 and row["prompt_tokens"] == tokens and row["key_id"] == key.id
+        assert row["requests"] == 4 and row["prompt_tokens"] == 9 and row["key_id"] == key.id
         r = c.post(f"{auth_url}/v1/embeddings", headers=bearer(secret), json={"model": EMBEDDER, "input": "x"})
         assert_openai_error(r, 429, "rate_limit_error")
         assert r.json()["error"]["code"] == "tokens_per_day_exceeded" and int(r.headers["retry-after"]) >= 1
