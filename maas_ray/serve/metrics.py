@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +29,7 @@ from maas_ray.registry import ModelVersion
 from maas_ray.telemetry import KeptGauge
 from maas_ray.serve.context import ServiceContext
 
+logger = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 G = TypeVar("G", bound=Callable[..., Any])
 
@@ -192,6 +194,50 @@ def model_label(model_id: str) -> str:
     head, sep, tail = model_id.rpartition(":")
     name = head if sep and tail.isdigit() else model_id
     return "ft:" + name.split(":")[1] if name.startswith("ft:") else name
+
+
+class _FineTunedAsBase:
+    """A Ray gauge whose ``model_id`` tag names a fine-tuned model only by its base."""
+
+    def __init__(self, gauge: Any) -> None:
+        self._gauge = gauge
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        tags = dict(tags or {})
+        if tags.get("model_id", "").startswith("ft:"):
+            tags["model_id"] = model_label(tags["model_id"])
+        self._gauge.set(value, tags=tags)
+
+
+def _relabel_serve_multiplexing() -> None:
+    """Ray Serve's own ``serve_registered_multiplexed_model_id`` gauge carries each loaded
+    model's multiplexed id, here ``name:version``: for a fine-tuned model, its job id, on
+    the same open endpoint. Fine-tuned ids get :func:`model_label` there too (models of one
+    base then share a series: an unload may read 0 until Serve's next push, 0.1 s later).
+
+    Done on import, since every model replica imports this module before it loads a model;
+    ``_ModelMultiplexWrapper`` is Serve's internal (as of Ray 2.60), so a Ray without it
+    only gets a warning.
+    """
+    try:
+        from ray.serve.multiplex import _ModelMultiplexWrapper as wrapper
+    except ImportError:
+        logger.warning("ray.serve.multiplex has changed: its gauge of model ids is not relabelled")
+        return
+    if getattr(wrapper, "_maas_relabelled", False):
+        return
+    init = wrapper.__init__
+
+    @functools.wraps(init)
+    def relabelled(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.registered_model_gauge = _FineTunedAsBase(self.registered_model_gauge)
+
+    wrapper.__init__ = relabelled
+    wrapper._maas_relabelled = True
+
+
+_relabel_serve_multiplexing()
 
 
 def meter_generation(deployment: str) -> Callable[[G], G]:

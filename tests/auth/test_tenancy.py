@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.auth.conftest import CHAT, bearer
+from tests.auth.conftest import CHAT, EMBEDDER, bearer
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.integration]
@@ -175,22 +175,38 @@ def test_the_job_runner_checks_the_base_as_the_jobs_tenant(auth_url: str, world,
     assert errors[hidden]["param"] == "model"
 
 
-def test_metric_labels_do_not_name_a_tenants_job(auth_url: str, world) -> None:
+def test_metric_labels_do_not_name_a_tenants_job(auth_url: str, world, maas_home: str) -> None:
+    """A's fine-tuned embedder (a copy of MiniLM) answers one request: the ingress, the
+    model replica and Ray Serve's multiplexing all label it, on an endpoint without keys."""
     import ray
 
-    hidden = world["hidden"]
-    assert httpx.get(f"{auth_url}/v1/models/{hidden}", headers=world["a"], timeout=60).status_code == 200
-    port = ray.nodes()[0]["MetricsExportPort"]
-    labelled = re.compile(r'^ray_maas_requests_total\{[^}]*model="[^"]*' + re.escape(world["base"]), re.M)
-    deadline = time.monotonic() + 20  # Ray pushes metrics every second in tests
-    while not labelled.search(text := httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text):
-        assert time.monotonic() < deadline, "the request never showed on the metrics endpoint"
-        time.sleep(0.5)
-    assert f'model="ft:{world["base"]}"' in text
-    job_id = hidden.rsplit(":", 1)[1]
-    assert job_id not in text and hidden not in text and ":secret" not in text
+    from maas_ray.registry import Registry
 
-    from maas_ray.serve.metrics import model_label  # what the model replicas label with
+    registry = Registry(maas_home)
+    base = registry.get(EMBEDDER)
+    job_id = f"ftjob-{secrets.token_hex(12)}"
+    name = f"ft:{world['base']}:secret:{job_id}"
+    card = {k: v for k, v in base.card.items() if k not in ("files", "name", "created_at")}
+    registry.publish(name, registry.local_dir(base), dict(card, tenant=TENANT_A, owned_by=TENANT_A))
+    try:
+        r = httpx.post(f"{auth_url}/v1/embeddings", headers=world["a"], timeout=120,
+                       json={"model": name, "input": "hello"})
+        assert r.status_code == 200, r.text
+        url = f"http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}/metrics"
+        series = ("ray_maas_requests_total", "ray_maas_batched_requests_total",
+                  "ray_serve_registered_multiplexed_model_id")
+        labelled = [re.compile(rf'^{s}{{[^}}]*model(?:_id)?="[^"]*{re.escape(world["base"])}', re.M)
+                    for s in series]
+        deadline = time.monotonic() + 20  # Ray pushes metrics every second in tests
+        while not all(p.search(text := httpx.get(url, timeout=10).text) for p in labelled):
+            assert time.monotonic() < deadline, [s for s, p in zip(series, labelled) if not p.search(text)]
+            time.sleep(0.5)
+        assert f'model="ft:{world["base"]}"' in text and f'model_id="ft:{world["base"]}"' in text
+        assert job_id not in text and ":secret" not in text
+    finally:
+        registry.remove(name)
+
+    from maas_ray.serve.metrics import model_label
 
     assert model_label("ft:base:suffix:ftjob-abc:3") == "ft:base" and model_label("m:2") == "m"
 
