@@ -2,9 +2,10 @@
 items 2, 3 and 7), over HTTP on the auth-on app.
 
 Tenant A's fine-tuned model is planted by publishing a few bytes under an ``ft:`` name
-with A's card: no test here trains or serves weights, because every route answers from
-the lookup alone. Each id that A owns is paired with one of the same length that never
-existed; tenant B must get the same answer for both, byte for byte once the id is swapped.
+with A's card: nothing here trains, and only the metrics test serves weights (a copy of
+MiniLM), because every other route answers from the lookup alone. Each id that A owns is
+paired with one of the same length that never existed; tenant B must get the same answer
+for both, byte for byte once the id is swapped.
 """
 
 from __future__ import annotations
