@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import ray
+import ray.data
 
 from maas_ray import storage
 from maas_ray.data import DataError, read_table, require_numeric_columns
@@ -91,13 +92,11 @@ def batch_predict(
         fn_constructor_kwargs={"storage_root": root, "model_id": mv.id, "counter": counter},
         batch_format="pandas",
         batch_size=batch_size,
-        concurrency=(1, max(1, concurrency)),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, concurrency)),
         num_cpus=0.5,
     )
     try:
         _run_reporting(lambda: out.write_parquet(target), counter, on_rows)
-        import ray.data
-
         rows = ray.data.read_parquet(target).count()
         if final is not None:
             if final.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,11 @@ def torch_trainer(loop: Callable[[dict[str, Any]], None], config: dict[str, Any]
     runs_uri = storage.join(root, "runs")
     runs_fs, runs_path = (None, runs_uri) if storage.is_local(root) else storage.filesystem(runs_uri)
     dataset_config = run_options.pop("dataset_config", None)
+    # Ray Train's preemption watcher (observability of draining nodes; restarts do not need
+    # it) is built with worker handles as constructor arguments, and Ray logs an error line
+    # for that on every run (ray-project/ray#53727). Off unless the user turns it on; Ray
+    # Train passes RAY_TRAIN_* variables from here to its controller.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return TorchTrainer(
         loop,
         train_loop_config=config,
