@@ -31,7 +31,12 @@ class FileNotFound(LookupError):
 
 
 class FileRejected(ValueError):
-    """An upload that cannot be stored (bad purpose, name or content)."""
+    """An upload that cannot be stored (bad purpose, name or content); ``param`` names the
+    form field at fault."""
+
+    def __init__(self, message: str, param: str = "file") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -154,9 +159,11 @@ class Upload:
         self._fs.create_dir(self._tmp.rsplit("/", 1)[0])
         self._out: Any = self._fs.open_output_stream(self._tmp)
 
-    def _set_purpose(self, purpose: str) -> None:
+    def _set_purpose(self, purpose: str | None) -> None:
+        if purpose is None:
+            raise FileRejected(f"no purpose given: send one of {list(PURPOSES)}", "purpose")
         if purpose not in PURPOSES:
-            raise FileRejected(f"purpose must be one of {list(PURPOSES)} (got {purpose!r})")
+            raise FileRejected(f"purpose must be one of {list(PURPOSES)} (got {purpose!r})", "purpose")
         if purpose == "fine-tune":
             if not self.filename.endswith(".jsonl"):
                 raise FileRejected(f"fine-tune files must be JSONL (*.jsonl), got {self.filename!r}")
@@ -175,7 +182,7 @@ class Upload:
         self._out.close()
         summary: FileSummary | None = None
         if self.purpose is None:  # the form sent the file first: validate what was stored
-            self._set_purpose(purpose or "")
+            self._set_purpose(purpose)
             if self._validator is not None:
                 with self._fs.open_input_stream(self._tmp) as fh:
                     while chunk := fh.read(CHUNK_BYTES):

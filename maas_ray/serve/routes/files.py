@@ -90,7 +90,7 @@ async def upload_file(request: Request) -> dict[str, Any]:
         raise
     if rejected is not None:
         await asyncio.to_thread(form.abort)
-        raise APIError(400, str(rejected), "file", "invalid_file")
+        raise APIError(400, str(rejected), rejected.param, "invalid_file")
     return stored.to_openai()
 
 
