@@ -106,3 +106,16 @@ def test_rate_limit_and_usage_counters_are_exact_under_concurrency(keys) -> None
     assert sum(admitted) == 10  # one counter row, updated atomically: never 11, never 9
     [row] = keys.usage("pg-rate")
     assert (row["requests"], row["prompt_tokens"], row["completion_tokens"]) == (50, 150, 100)
+
+
+def test_an_older_postgres_database_gains_the_new_columns(keys, postgres_url: str) -> None:
+    import sqlalchemy as sa
+
+    from maas_ray import db
+
+    key, _ = keys.create("pg-old")
+    with sa.create_engine(postgres_url).begin() as conn:  # as a database from before max_concurrent
+        conn.execute(sa.text("ALTER TABLE api_keys DROP COLUMN max_concurrent"))
+    assert db.add_missing_columns(db.engine(postgres_url)) == ["api_keys.max_concurrent"]
+    assert db.add_missing_columns(db.engine(postgres_url)) == []
+    assert {k.id: k.max_concurrent for k in keys.list("pg-old")} == {key.id: 16}
