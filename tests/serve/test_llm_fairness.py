@@ -20,6 +20,7 @@ from test_llm_engine import _ids, _until  # the same helpers as the engine tests
 CHAT = "smollm2-135m-instruct"
 BATCH = 4  # slots per engine: a request may hold half of them, 2
 KV_CELLS = 2048  # llama.cpp: a request may reserve half of them, 1024
+HANG_S = 120  # only guards against a hang: a loaded 2-core CI machine decodes slowly
 
 
 @pytest.fixture(scope="module", params=["transformers", "llama.cpp"])
@@ -68,17 +69,17 @@ def test_one_large_request_cannot_lock_out_a_small_one(engine) -> None:
         choices = [asyncio.create_task(_run(engine, ids, big, f"big{i}", group="big")) for i in range(4)]
         try:
             assert await _until(lambda: engine.stats()["running"] == cap
-                                and engine.stats()["waiting"] == 4 - cap), engine.stats()
+                                and engine.stats()["waiting"] == 4 - cap, HANG_S), engine.stats()
             # The newcomer's group runs nothing: it goes before the big request's waiting choices.
             small = await asyncio.wait_for(
-                _run(engine, _ids(engine, "Hi"), SamplingParams(max_tokens=2, temperature=0), "small"), 60)
+                _run(engine, _ids(engine, "Hi"), SamplingParams(max_tokens=2, temperature=0), "small"), HANG_S)
             assert small[1] == "length"
             assert not any(c.done() for c in choices), "a big choice finished before the small request"
         finally:
             for i, task in enumerate(choices):
                 engine.cancel(f"big{i}")
                 task.cancel()
-        assert await _until(lambda: _idle(engine)), engine.stats()
+        assert await _until(lambda: _idle(engine), HANG_S), engine.stats()
 
     asyncio.run(main())
 
@@ -89,9 +90,9 @@ def test_timeout_aborts_a_request_and_frees_what_it_held(engine) -> None:
 
     async def main() -> None:
         with pytest.raises(RequestTimeout, match=r"within 0.5 s"):
-            await asyncio.wait_for(_run(engine, ids, slow, "slow"), 30)
-        assert await _until(lambda: _idle(engine)), engine.stats()  # slot and KV cells given back
-        text, finish = await asyncio.wait_for(_run(engine, ids, SamplingParams(max_tokens=4), "next"), 30)
+            await asyncio.wait_for(_run(engine, ids, slow, "slow"), HANG_S)
+        assert await _until(lambda: _idle(engine), HANG_S), engine.stats()  # slot and KV cells given back
+        text, finish = await asyncio.wait_for(_run(engine, ids, SamplingParams(max_tokens=4), "next"), HANG_S)
         assert finish == "length" and text
 
     asyncio.run(main())
@@ -219,10 +220,9 @@ def test_stop_strings_are_matched_in_linear_time() -> None:
         stream.push(token)
         out.append(stream.take())
         fed += len(piece)
-        # Linear: a few reads per character and stop (plus each stop's table, once), and
-        # only the possible start of a stop is held back. Rescanning read ~16,000 per token.
+        # Linear: a few reads per character and stop, plus each stop's table once.
+        # Rescanning read ~16,000 characters of the stops per token.
         assert _Counted.reads <= 4 * fed * len(stops) + 8 * sum(map(len, stops)), (token, _Counted.reads)
-        assert len(stream._held) <= 4000 + 7
         if stream.stopped:
             break
     assert stream.stopped and "".join(out) == filler  # everything before the stop, nothing of it
