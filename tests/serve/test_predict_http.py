@@ -84,7 +84,7 @@ GOOD = ROWS[0].tolist()
         ("/v1/models/diabetes-linear/predict", {"inputs": []}, 400, "at least 1"),
         ("/v1/models/diabetes-linear/predict", {"rows": [GOOD]}, 400, "inputs"),
         ("/v1/models/no-such-model/predict", {"inputs": [GOOD]}, 404, "does not exist"),
-        ("/v1/models/diabetes-linear:999/predict", {"inputs": [GOOD]}, 404, "no version 999"),
+        ("/v1/models/diabetes-linear:999/predict", {"inputs": [GOOD]}, 404, "does not exist"),
         ("/v1/models/bad..name/predict", {"inputs": [GOOD]}, 400, "invalid model name"),
         ("/v1/models/diabetes-linear/predict", {"inputs": [GOOD] * 2000}, 413, "exceeds the limit"),
         ("/v2/models/diabetes-linear/infer",
