@@ -106,9 +106,9 @@ class LLMServer:
         if params.get("tokens_left") is not None:  # the key's daily budget, shared by n choices
             share = (params["tokens_left"] - len(ids)) // max(1, params.get("choices", 1))
             if share < 1:
-                yield {"error": f"the prompt has {len(ids)} tokens, more than the API key's daily budget "
-                                f"has left ({params['tokens_left']})", "code": "insufficient_quota",
-                       "status": 429}
+                yield {"error": f"the prompt's {len(ids)} tokens and at least one per choice exceed "
+                                f"what the API key's daily budget has left ({params['tokens_left']})",
+                       "code": "insufficient_quota", "status": 429}
                 return
             max_tokens = min(max_tokens, share)  # cut at the budget: finish_reason "length"
         sampling = SamplingParams(
