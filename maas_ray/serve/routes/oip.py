@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -27,6 +27,8 @@ from maas_ray.serve.errors import APIError, documented
 router = APIRouter(prefix="/v2", tags=["open-inference-protocol"])
 _MISSING = documented(404, oip=True)
 
+# A registry version: a folder number, bounded so the schema says so (and 2**70 never reaches a lookup).
+Version = Annotated[int, Path(ge=0, le=2**63 - 1, description="Model version number.")]
 _NUMERIC = {"FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64",
             "UINT8", "UINT16", "UINT32", "UINT64"}
 
@@ -96,7 +98,7 @@ async def model_metadata(name: str) -> dict[str, Any]:
 
 
 @router.get("/models/{name}/versions/{version}", responses=_MISSING)
-async def model_version_metadata(name: str, version: int) -> dict[str, Any]:
+async def model_version_metadata(name: str, version: Version) -> dict[str, Any]:
     return _metadata(get_context().resolve(f"{name}:{version}"))
 
 
@@ -121,7 +123,7 @@ async def infer(name: str, request: Request) -> Any:
 
 @router.post("/models/{name}/versions/{version}/infer", response_model=InferResponse,
              response_model_exclude_none=True, responses=_MISSING, openapi_extra=_INFER_BODY)
-async def infer_version(name: str, version: int, request: Request) -> Any:
+async def infer_version(name: str, version: Version, request: Request) -> Any:
     return await _infer(get_context().resolve(f"{name}:{version}"), request)
 
 
