@@ -259,3 +259,23 @@ def test_stop_string_across_tokens_and_the_first_stop_wins() -> None:
         text = "".join(rng.choices("abc", k=rng.randint(0, 40)))
         stops = ["".join(rng.choices("abc", k=rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
         assert run(text, stops, rng.randint(1, 5)) == reference(text, stops), (text, stops)
+
+
+@pytest.mark.integration
+@pytest.mark.e2e
+def test_the_app_takes_grouped_choices_and_refuses_oversized_stops(serve_url: str, llm_dirs) -> None:
+    import httpx
+
+    url = f"{serve_url}/v1/chat/completions"
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}
+    with httpx.Client(timeout=300) as http:
+        # n choices go to the engine as one group, with the overall timeout (not a stream).
+        answer = http.post(url, json={**body, "n": 2})
+        assert answer.status_code == 200, answer.text
+        assert [c["finish_reason"] for c in answer.json()["choices"]] == ["length", "length"]
+        # A stop string longer than any useful one is refused before any work.
+        refused = http.post(url, json={**body, "stop": ["x" * 5000]})
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    # (The model server's own check says "at most 4096 characters"; a schema bound may answer first.)
+    assert "stop" in (error["param"] or "") and "4096" in error["message"], error
