@@ -173,6 +173,8 @@ def test_seeded_sampling_is_reproducible(engine) -> None:
     b = asyncio.run(_run(engine, ids, params, "s2"))[0]
     c = asyncio.run(_run(engine, ids, SamplingParams(max_tokens=8, temperature=1.5, seed=7), "s3"))[0]
     assert a == b and a != c
+    # Seeds past 64 bits (the API does not bound them) wrap instead of failing the request.
+    assert asyncio.run(_run(engine, ids, SamplingParams(max_tokens=2, temperature=1.0, seed=2**70), "s4"))[0]
 
 
 def test_waiting_cancel_and_close_fail_requests_in_flight(llm_dirs: dict[str, str]) -> None:

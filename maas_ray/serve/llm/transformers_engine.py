@@ -169,5 +169,7 @@ def _generator(seq: Request) -> torch.Generator | None:
     if seq.params.seed is None:
         generator.seed()
     else:
-        generator.manual_seed(seq.params.seed)
+        # torch takes 64-bit seeds; larger ones (the API bounds none) wrap, as two's
+        # complement already does for negative ones, instead of failing the request.
+        generator.manual_seed(seq.params.seed % 2**64)
     return generator
