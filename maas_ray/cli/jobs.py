@@ -158,7 +158,8 @@ def run_finetune_spec(spec: FineTuneSpec, storage: str | None, address: str | No
             path = Path(value)
             if "://" in value or not path.is_file():
                 raise FileNotFoundError(f"{key}: {value} is not a local file or an uploaded file id")
-            update[key] = files.create(path.name, path.read_bytes(), "fine-tune").id
+            with path.open("rb") as fh:  # streamed: FileStore.create reads it in chunks
+                update[key] = files.create(path.name, fh, "fine-tune").id
     spec = spec.model_copy(update=update)
     service = _service(storage, address)
     with ray_session(address):

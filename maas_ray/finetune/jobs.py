@@ -28,6 +28,7 @@ from maas_ray.config.finetune import FineTuneSpec
 from maas_ray.finetune.files import FileNotFound, FileStore
 from maas_ray.finetune.formats import DataFormatError, FileSummary, check_for_task
 from maas_ray.registry import ModelNotFound, Registry
+from maas_ray.registry.refs import is_version
 from maas_ray.tenancy import DEFAULT_TENANT, owns, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def new_job_id() -> str:
 
 def fine_tuned_name(base: str, suffix: str | None, job_id: str) -> str:
     """``ft:{base}:{suffix}:{job_id}``; a versioned base id keeps only its name."""
-    base_name = base.rsplit(":", 1)[0] if base.rsplit(":", 1)[-1].isdigit() else base
+    base_name = base.rsplit(":", 1)[0] if is_version(base.rsplit(":", 1)[-1]) else base
     base_name = base_name.split(":")[1] if base_name.startswith("ft:") else base_name
     return f"ft:{base_name}:{suffix or 'custom'}:{job_id}"
 

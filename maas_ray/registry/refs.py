@@ -25,6 +25,11 @@ class InvalidModelName(ValueError):
     """A model id that cannot name a registry entry."""
 
 
+def is_version(text: str) -> bool:
+    """A version number as folders and ids write it: ASCII digits only."""
+    return _VERSION_RE.fullmatch(text) is not None
+
+
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a legal model name, else raise :class:`InvalidModelName`."""
     if not _NAME_RE.fullmatch(name) or ".." in name:

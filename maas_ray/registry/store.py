@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from maas_ray import storage
-from maas_ray.registry.refs import ModelRef, validate_name
+from maas_ray.registry.refs import ModelRef, is_version, validate_name
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Registry:
         validate_name(name)
         found = []
         for info in self._ls(f"{self._base}/{name}"):
-            if info.type == pafs.FileType.Directory and info.base_name.isdigit():
+            if info.type == pafs.FileType.Directory and is_version(info.base_name):
                 if self._exists(f"{info.path}/{CARD}"):
                     found.append(int(info.base_name))
         return sorted(found)
@@ -265,7 +265,7 @@ class Registry:
 
     def _all_numbers(self, parent: str) -> list[int]:
         # Every numbered folder counts, complete or not, so numbers never repeat.
-        return [int(i.base_name) for i in self._ls(parent) if i.base_name.isdigit()]
+        return [int(i.base_name) for i in self._ls(parent) if is_version(i.base_name)]
 
     def _ls(self, path: str) -> list[pafs.FileInfo]:
         try:

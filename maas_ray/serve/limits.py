@@ -33,7 +33,7 @@ class BodySizeLimit:
         limit = self._limit(scope)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
             await self._reject(scope, send, limit)
             return
         seen = 0

@@ -192,7 +192,7 @@ def model_label(model_id: str) -> str:
     one series per job from piling up.
     """
     head, sep, tail = model_id.rpartition(":")
-    name = head if sep and tail.isdigit() else model_id
+    name = head if sep and tail.isascii() and tail.isdigit() else model_id
     return "ft:" + name.split(":")[1] if name.startswith("ft:") else name
 
 
