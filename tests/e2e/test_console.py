@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import REPO
+from tests.conftest import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 

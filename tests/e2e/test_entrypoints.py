@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import REPO, free_port
+from tests.conftest import REPO, free_port
 from maas_ray.cli.up import _port_free
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

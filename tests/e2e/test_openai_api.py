@@ -159,7 +159,7 @@ def test_disconnect_mid_stream_frees_the_batch_slot(serve_url: str, client) -> N
 
 
 def test_openai_client_example_runs_and_checks_itself(serve_url: str, llm_dirs) -> None:
-    from conftest import load_example_file
+    from tests.conftest import load_example_file
 
     example = load_example_file("clients/openai_client.py")
     example.main(f"{serve_url}/v1")  # raises AssertionError if any of its checks fail

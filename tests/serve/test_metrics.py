@@ -20,7 +20,7 @@ import httpx
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 

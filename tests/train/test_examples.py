@@ -40,7 +40,7 @@ def test_published_version_round_trips(regression_model, maas_home: str) -> None
 
 @pytest.mark.slow
 def test_classification_example_reaches_95_percent(ray_session: None, maas_home: str) -> None:
-    from conftest import load_example
+    from tests.conftest import load_example
 
     result = load_example("classification").main(maas_home)
     assert result.metrics["test_accuracy"] >= 0.95
