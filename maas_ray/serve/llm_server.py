@@ -117,14 +117,50 @@ class LLMServer:
             top_p=params.get("top_p", 1.0),
             stop=stops,
             seed=params.get("seed"),
+            logprobs=params.get("logprobs"),
             # A stream's client sees progress and can hang up; a non-streaming one cannot.
             timeout_s=None if params.get("stream") else self.request_timeout_s,
         )
         yield {"prompt_tokens": len(ids), "engine": engine.info()}
         chunks = engine.generate(ids, sampling, request_id=uuid.uuid4().hex, group=params.get("group"))
         async for chunk in paced(chunks, self.stream_interval_s):
-            yield {"text": chunk.text, "finish_reason": chunk.finish_reason,
+            out = {"text": chunk.text, "finish_reason": chunk.finish_reason,
                    "completion_tokens": chunk.completion_tokens}
+            if chunk.logprobs is not None:
+                out["logprobs"] = wire_logprobs(engine.token_pieces, chunk.logprobs)
+            yield out
+
+    async def tokenize_prompt(self, model_id: str, prompt: str | list[dict[str, str]],
+                              add_generation_prompt: bool = True) -> dict[str, Any]:
+        """``/v1/tokenize``: ``{"tokens", "count", "max_model_len"}``, or ``{"error"}``."""
+        from maas_ray.serve.llm.selection import EngineUnavailable
+
+        try:
+            engine = await self.get_engine(model_id)
+            ids = await tokenize(engine, prompt, add_generation_prompt)
+        except EngineUnavailable as err:
+            return {"error": str(err), "param": "model", "code": "model_not_supported"}
+        except PromptTooLong as err:
+            return {"error": str(err), "param": "messages" if isinstance(prompt, list) else "prompt",
+                    "code": "context_length_exceeded"}
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.context_length}
+
+    async def detokenize(self, model_id: str, tokens: list[int]) -> dict[str, Any]:
+        """``/v1/detokenize``: ``{"prompt"}`` (special tokens spelt out), or ``{"error"}`` for
+        an id outside the vocabulary."""
+        from maas_ray.serve.llm.selection import EngineUnavailable
+
+        try:
+            engine = await self.get_engine(model_id)
+        except EngineUnavailable as err:
+            return {"error": str(err), "param": "model", "code": "model_not_supported"}
+        vocab = len(engine.tokenizer)
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        if bad:
+            return {"error": f"token ids {bad[:5]} are outside model {model_id!r}'s vocabulary "
+                             f"(0 to {vocab - 1})", "param": "tokens", "code": "invalid_value"}
+        text = await asyncio.to_thread(engine.tokenizer.decode, tokens, skip_special_tokens=False)
+        return {"prompt": text}
 
     async def stats(self, model_id: str) -> dict[str, int]:
         """Running/waiting sequences of a model's engine (tests check freed slots)."""
@@ -135,7 +171,7 @@ class PromptTooLong(ValueError):
     """The prompt cannot fit the model's context, whatever its tokens (it was not tokenized)."""
 
 
-async def tokenize(engine: Any, prompt: str | list[dict[str, str]]) -> list[int]:
+async def tokenize(engine: Any, prompt: str | list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
     """The prompt's token ids (chat messages through the chat template), computed in a
     worker thread so the replica's event loop keeps serving other requests meanwhile.
 
@@ -151,7 +187,18 @@ async def tokenize(engine: Any, prompt: str | list[dict[str, str]]) -> list[int]
                             f"{engine.context_length} tokens, which no prompt over {limit} characters fits")
     if isinstance(prompt, str):
         return await asyncio.to_thread(engine.encode, prompt)
-    return await asyncio.to_thread(engine.apply_chat_template, prompt)
+    return await asyncio.to_thread(engine.apply_chat_template, prompt, add_generation_prompt)
+
+
+def wire_logprobs(pieces: Any, entries: list[Any]) -> list[dict[str, Any]]:
+    """Engine :class:`~maas_ray.serve.llm.engine.TokenLogprob` entries in OpenAI's chat shape
+    (``{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}``);
+    ``pieces``: token id → (text, bytes) (:class:`~maas_ray.serve.llm.logprobs.TokenPieces`)."""
+    def one(token_id: int, logprob: float) -> dict[str, Any]:
+        text, raw = pieces(token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    return [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]
 
 
 async def paced(chunks: AsyncIterator[Any], interval_s: float) -> AsyncIterator[Any]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -35,7 +36,8 @@ from typing import Any
 
 from maas_ray.serve.llm.detokenize import TextStream
 from maas_ray.serve.llm.engine import (EngineClosed, FinishReason, GenerationChunk,
-                                       GenerationEngine, RequestTimeout, SamplingParams)
+                                       GenerationEngine, RequestTimeout, SamplingParams, TokenLogprob)
+from maas_ray.serve.llm.logprobs import TokenPieces, token_logprob
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class Request:
     """``time.monotonic()`` past which it is aborted with :class:`RequestTimeout`."""
     generated: list[int] = field(default_factory=list)
     unsent: list[int] = field(default_factory=list)  # token ids not yet in a chunk
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # theirs, if asked for
     done: bool = False
     state: Any = None
     """The backend's per-request data (KV slot, sampler, RNG)."""
@@ -75,8 +78,9 @@ def merge(chunks: list[GenerationChunk]) -> GenerationChunk:
     if len(chunks) == 1:
         return chunks[0]
     last = chunks[-1]
+    logprobs = None if last.logprobs is None else [e for c in chunks for e in c.logprobs or []]
     return GenerationChunk("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids],
-                           last.finish_reason, last.prompt_tokens, last.completion_tokens)
+                           last.finish_reason, last.prompt_tokens, last.completion_tokens, logprobs)
 
 
 class BatchingEngine(GenerationEngine):
@@ -165,11 +169,17 @@ class BatchingEngine(GenerationEngine):
         """Free the model (scheduler thread, after the loop ends)."""
 
     # -- public API --------------------------------------------------------------
+    @functools.cached_property
+    def token_pieces(self) -> TokenPieces:
+        """Token id → ``(text, bytes)`` as logprobs show it (cached per engine)."""
+        return TokenPieces(self.tokenizer)
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                 tokenize=True)
         if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
@@ -315,10 +325,15 @@ class BatchingEngine(GenerationEngine):
             seq.send(RequestTimeout(f"the request did not finish within {seq.params.timeout_s:g} s "
                                     f"({len(seq.generated)} tokens generated); it was aborted"))
 
-    def _accept(self, seq: Request, token: int) -> bool:
-        """Record a sampled token, stream what is safe to send; True if ``seq`` is finished."""
+    def _accept(self, seq: Request, token: int, logits: Any = None) -> bool:
+        """Record a sampled token, stream what is safe to send; True if ``seq`` is finished.
+
+        ``logits``: the raw logits row (V,) the token was sampled from, as a NumPy array;
+        backends pass it when ``seq.params.logprobs`` is not None (:mod:`.logprobs`)."""
         seq.generated.append(token)
         seq.unsent.append(token)
+        if seq.params.logprobs is not None:
+            seq.unsent_logprobs.append(token_logprob(logits, token, seq.params.logprobs))
         finish: FinishReason | None = None
         if token in seq.stop_ids:
             finish = "stop"
@@ -332,8 +347,9 @@ class BatchingEngine(GenerationEngine):
         if seq.text.stopped:
             finish = "stop"
         if delta or finish:
-            chunk = GenerationChunk(delta, seq.unsent, finish, len(seq.prompt), len(seq.generated))
-            seq.unsent = []
+            logprobs = seq.unsent_logprobs if seq.params.logprobs is not None else None
+            chunk = GenerationChunk(delta, seq.unsent, finish, len(seq.prompt), len(seq.generated), logprobs)
+            seq.unsent, seq.unsent_logprobs = [], []
             if finish:
                 self._retire(seq, chunk)
             elif not seq.send(chunk):  # the consumer's loop is gone

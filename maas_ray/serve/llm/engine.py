@@ -44,6 +44,25 @@ class SamplingParams:
     timeout_s: float | None = None
     """Longest the request may take from its arrival, waiting included; then it ends
     with :class:`RequestTimeout` and frees its slot and KV cells. None: no limit."""
+    logprobs: int | None = None
+    """Report each generated token's log-probability and this many most likely
+    alternatives (0–20) in :attr:`GenerationChunk.logprobs`; None: report nothing."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, with the top alternatives.
+
+    Log-softmax of the model's raw logits for that position, before temperature and
+    top-p (the model's own distribution, as OpenAI and vLLM report it, so the values
+    do not depend on how the token was sampled). ``top``: ``(token id, logprob)``
+    most likely first, ties in token id order (as argmax breaks them, so a greedy
+    token is ``top[0]``).
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass(frozen=True)
@@ -61,6 +80,8 @@ class GenerationChunk:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per token in ``token_ids`` when the request asked for logprobs."""
 
 
 class EngineClosed(RuntimeError):
@@ -87,8 +108,9 @@ class GenerationEngine(abc.ABC):
         """Tokenise a raw prompt (``/v1/completions``)."""
 
     @abc.abstractmethod
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        """Messages → prompt token ids, ending with the assistant's turn."""
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Messages → prompt token ids, ending with the assistant's turn (unless
+        ``add_generation_prompt`` is False: ``/v1/tokenize`` may ask for that)."""
 
     @abc.abstractmethod
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,

@@ -335,7 +335,7 @@ class LlamaCppEngine(BatchingEngine):
         self._decode()
         for seq, k in fed:
             seq.state.n_past += k
-        done = [seq for i, seq in rows if self._accept(seq, self._sample(seq, i))]
+        done = [seq for i, seq in rows if self._accept(seq, *self._sample(seq, i))]
         self._remove({i for i, seq in enumerate(self._running) if seq in done})
         self._kv_used = self._kv.used(self.max_batch_size)
 
@@ -348,12 +348,18 @@ class LlamaCppEngine(BatchingEngine):
             raise RuntimeError(f"llama_decode failed with status {status} "
                                f"({self._batch.n_tokens} tokens, {len(self._running)} sequences)")
 
-    def _sample(self, seq: Request, index: int) -> int:
+    def _sample(self, seq: Request, index: int) -> tuple[int, np.ndarray | None]:
+        """The next token of batch row ``index``, and its raw logits (V,) if ``seq`` asked for
+        logprobs (read before the sampler runs: the chain works on its own copy)."""
         slot: _Slot = seq.state
+        logits = None
+        if slot.sampler is None or seq.params.logprobs is not None:
+            logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, index), shape=(self.n_vocab,))
         if slot.sampler is not None:
-            return int(self._lib.llama_sampler_sample(slot.sampler, self._ctx, index))
-        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, index), shape=(self.n_vocab,))
-        return int(np.argmax(logits))
+            token = int(self._lib.llama_sampler_sample(slot.sampler, self._ctx, index))
+        else:
+            token = int(np.argmax(logits))
+        return token, logits if seq.params.logprobs is not None else None
 
     def _sampler(self, seq: Request) -> Any:
         """temperature → top-p → seeded draw, as the transformers engine samples; None for greedy."""

@@ -124,7 +124,8 @@ class TransformersEngine(BatchingEngine):
                 self._retire(seq, err)
                 continue
             self._batch.add(out.cache, len(seq.prompt))
-            if self._accept(seq, self._sample(out.logits[:, -1, :], [seq])[0]):
+            rows = out.logits[:, -1, :]  # (1, V)
+            if self._accept(seq, self._sample(rows, [seq])[0], _numpy_rows(rows, [seq])[0]):
                 self._remove({len(self._running) - 1})
 
     def _step(self) -> None:
@@ -132,8 +133,11 @@ class TransformersEngine(BatchingEngine):
         mask, positions = self._batch.next_step()  # (B, T + 1), (B, 1)
         out = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
                          cache=self._batch.cache, use_cache=True)
-        tokens = self._sample(out.logits[:, -1, :], self._running)  # logits (B, 1, V)
-        finished = {i for i, (seq, tok) in enumerate(zip(self._running, tokens)) if self._accept(seq, tok)}
+        rows = out.logits[:, -1, :]  # logits (B, 1, V) -> (B, V)
+        tokens = self._sample(rows, self._running)
+        numpy_rows = _numpy_rows(rows, self._running)
+        finished = {i for i, (seq, tok, row) in enumerate(zip(self._running, tokens, numpy_rows))
+                    if self._accept(seq, tok, row)}
         self._remove(finished)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Request]) -> list[int]:
@@ -159,6 +163,15 @@ class TransformersEngine(BatchingEngine):
         with self._lock:
             self._running = [self._running[i] for i in keep]
         self._batch.keep(keep)
+
+
+def _numpy_rows(logits: torch.Tensor, seqs: list[Request]) -> list[Any]:
+    """Each row of ``logits`` (B, V) as float32 NumPy, exactly what :meth:`_sample`'s argmax
+    saw, for the requests that asked for logprobs (None for the others)."""
+    if all(s.params.logprobs is None for s in seqs):
+        return [None] * len(seqs)
+    rows = logits.float().cpu().numpy()
+    return [row if s.params.logprobs is not None else None for row, s in zip(rows, seqs)]
 
 
 def _generator(seq: Request) -> torch.Generator | None:

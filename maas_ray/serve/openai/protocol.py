@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 # of 2**70 reached torch's generator and came back as a 500.
 INT64 = 2**63
 MAX_NEW_TOKENS = 1_000_000  # far past any context we serve; the engine cuts at its own
+MAX_DETOKENIZE_IDS = 1_000_000  # past any context; the body limit usually cuts sooner
 
 
 class _Request(BaseModel):
@@ -87,14 +88,29 @@ class SamplingFields(_Request):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(default=None, gt=0, le=MAX_NEW_TOKENS)
+    logprobs: bool = Field(default=False, description="Return each output token's log-probability.")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description=(
+        "With logprobs: also the most likely tokens at each position, this many (0 to 20)."))
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
 
     def new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def logprob_count(self) -> int | None:
+        """Alternatives per token the engine reports; None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5, description=(
+        "Return each output token's log-probability and this many most likely tokens (0 to 5)."))
 
     @field_validator("prompt")
     @classmethod
@@ -108,6 +124,42 @@ class CompletionRequest(SamplingFields):
 
     def new_tokens(self) -> int | None:
         return self.max_tokens
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+
+class TokenizeRequest(_Request):
+    """vLLM's ``/tokenize``: a raw ``prompt`` (as ``/v1/completions`` tokenizes it) or chat
+    ``messages`` (through the model's chat template, as ``/v1/chat/completions`` does)."""
+
+    model: str = Field(min_length=1)
+    prompt: str | None = Field(default=None, description="A raw prompt; give this or messages.")
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=4096,
+                                               description="Chat messages; give this or prompt.")
+    add_generation_prompt: bool = Field(default=True, description=(
+        "With messages: end with the assistant turn's header, as chat completions do."))
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int = Field(description="Prompt plus completion tokens the model takes at most.")
+
+
+class DetokenizeRequest(_Request):
+    model: str = Field(min_length=1)
+    tokens: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(max_length=MAX_DETOKENIZE_IDS)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class EmbeddingRequest(_Request):

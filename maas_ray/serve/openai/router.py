@@ -1,4 +1,11 @@
-"""``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``."""
+"""``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/tokenize``,
+``/v1/detokenize``.
+
+vLLM and llama-server serve tokenize/detokenize at the root; here they live under ``/v1``,
+so the one rule "everything under /v1 and /v2 needs a key" (:mod:`maas_ray.auth.middleware`)
+covers them and tenants see only their own models there too. vLLM clients point their
+base URL at ``/v1``.
+"""
 
 from __future__ import annotations
 
@@ -48,3 +55,21 @@ async def embeddings(req: p.EmbeddingRequest) -> dict[str, Any]:
     mv = ctx.resolve(req.model)
     serving.require_task(mv, serving.EMBEDDING_TASKS, "/v1/embeddings")
     return await serving.embed(ctx, mv, req)
+
+
+@router.post("/tokenize")
+async def tokenize(req: p.TokenizeRequest) -> p.TokenizeResponse:
+    """A prompt's token ids as the model's chat or completion route would count them."""
+    ctx = get_context()
+    mv = ctx.resolve(req.model)
+    serving.require_task(mv, serving.CHAT_TASKS, "/v1/tokenize")
+    return p.TokenizeResponse(**await serving.tokenize(ctx, mv, req))
+
+
+@router.post("/detokenize")
+async def detokenize(req: p.DetokenizeRequest) -> p.DetokenizeResponse:
+    """Token ids back to text (special tokens spelt out); an id outside the vocabulary is a 400."""
+    ctx = get_context()
+    mv = ctx.resolve(req.model)
+    serving.require_task(mv, serving.CHAT_TASKS, "/v1/detokenize")
+    return p.DetokenizeResponse(**await serving.detokenize(ctx, mv, req))

@@ -3,7 +3,8 @@
 Model deployments stream plain dicts: first ``{"prompt_tokens": n}`` (or
 ``{"error": ..., "param": ...}`` for input the model cannot take, so a bad
 request fails with a 4xx before any SSE starts), then one dict per decoded
-delta ``{"text", "finish_reason", "completion_tokens"}``.
+delta ``{"text", "finish_reason", "completion_tokens"}``, with ``"logprobs"`` (one entry
+per new token, in the chat shape) when the request asked for them.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def sampling(req: p.SamplingFields, new_tokens: int | None, seed_offset: int) ->
     return {"max_tokens": new_tokens, "temperature": req.temperature, "top_p": req.top_p,
             "stop": req.stop_list(),
             "seed": None if req.seed is None else req.seed + seed_offset,
+            "logprobs": req.logprob_count(),  # type: ignore[attr-defined]
             "tokens_left": tokens_left(), "choices": req.n}
 
 
@@ -87,13 +89,37 @@ async def open_all(ctx: ServiceContext, mv: ModelVersion, req: p.SamplingFields,
     return opened
 
 
-async def collect(stream: Any) -> tuple[str, str, int]:
-    text, finish, count = [], "stop", 0
+async def collect(stream: Any) -> tuple[str, str, int, list[dict[str, Any]]]:
+    """(text, finish_reason, completion tokens, logprob entries in the chat shape)."""
+    text, finish, count, logprobs = [], "stop", 0, []
     async for chunk in stream:
         text.append(chunk.get("text", ""))
         count = chunk.get("completion_tokens", count)
         finish = chunk.get("finish_reason") or finish
-    return "".join(text), finish, count
+        logprobs += chunk.get("logprobs") or []
+    return "".join(text), finish, count, logprobs
+
+
+def chat_logprobs(req: p.SamplingFields, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A chat choice's ``logprobs`` (None unless the request asked for them)."""
+    return {"content": entries, "refusal": None} if req.logprob_count() is not None else None  # type: ignore[attr-defined]
+
+
+def completion_logprobs(req: p.SamplingFields, entries: list[dict[str, Any]],
+                        offset: int = 0) -> dict[str, Any] | None:
+    """The legacy completions shape of chat-shaped entries: parallel lists, each position's
+    top tokens as ``{token: logprob}`` with the chosen token always among them (so up to
+    ``logprobs + 1`` keys, as OpenAI documents), ``text_offset`` in characters of the
+    completion's text from ``offset``."""
+    if req.logprob_count() is None:  # type: ignore[attr-defined]
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    tops = [{t["token"]: t["logprob"] for t in e["top_logprobs"]} | {e["token"]: e["logprob"]} for e in entries]
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": tops, "text_offset": offsets}
 
 
 async def complete(ctx: ServiceContext, mv: ModelVersion, req: p.SamplingFields,
@@ -119,12 +145,13 @@ async def complete(ctx: ServiceContext, mv: ModelVersion, req: p.SamplingFields,
     completion_tokens = sum(r[2] for r in results)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": text},
-                    "finish_reason": finish, "logprobs": None}
-                   for i, (text, finish, _) in enumerate(results)]
+                    "finish_reason": finish, "logprobs": chat_logprobs(req, logprobs)}
+                   for i, (text, finish, _, logprobs) in enumerate(results)]
         obj, rid = "chat.completion", p.new_id("chatcmpl")
     else:
-        choices = [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}
-                   for i, (text, finish, _) in enumerate(results)]
+        choices = [{"index": i, "text": text, "finish_reason": finish,
+                    "logprobs": completion_logprobs(req, logprobs)}
+                   for i, (text, finish, _, logprobs) in enumerate(results)]
         obj, rid = "text_completion", p.new_id("cmpl")
     return {"id": rid, "object": obj, "created": p.now(), "model": mv.id, "choices": choices,
             "usage": p.usage(prompt_tokens, completion_tokens)}
@@ -143,6 +170,7 @@ async def _sse(mv: ModelVersion, req: p.SamplingFields, opened: list[tuple[Any, 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     queue: asyncio.Queue = asyncio.Queue()
     counts = [0] * len(opened)
+    offsets = [0] * len(opened)  # characters each choice has sent (completions' text_offset)
 
     async def pump(index: int, stream: Any) -> None:
         try:
@@ -166,15 +194,21 @@ async def _sse(mv: ModelVersion, req: p.SamplingFields, opened: list[tuple[Any, 
             counts[index] = chunk.get("completion_tokens", counts[index])
             finish = chunk.get("finish_reason")
             text = chunk.get("text", "")
+            entries = chunk.get("logprobs") or []
             if chat:
                 choice = {"index": index, "delta": {"content": text} if text else {},
-                          "finish_reason": finish, "logprobs": None}
+                          "finish_reason": finish, "logprobs": chat_logprobs(req, entries)}
                 body = p.chat_chunk(rid, mv.id, created, [choice])
             else:
+                logprobs = completion_logprobs(req, entries, offsets[index])
+                if entries:
+                    offsets[index] = logprobs["text_offset"][-1] + len(entries[-1]["token"])
                 body = {"id": rid, "object": "text_completion", "created": created, "model": mv.id,
                         "choices": [{"index": index, "text": text, "finish_reason": finish,
-                                     "logprobs": None}]}
-            if text or finish:
+                                     "logprobs": logprobs}]}
+            # Tokens whose text is held back (half a character, a possible stop string)
+            # still carry their logprobs.
+            if text or finish or entries:
                 yield _event(body)
         if include_usage:
             usage = p.usage(opened[0][1], sum(counts))
@@ -215,3 +249,26 @@ async def embed(ctx: ServiceContext, mv: ModelVersion, req: p.EmbeddingRequest) 
     tokens = int(result["prompt_tokens"])
     return {"object": "list", "data": data, "model": mv.id,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+async def tokenize(ctx: ServiceContext, mv: ModelVersion, req: p.TokenizeRequest) -> dict[str, Any]:
+    """``/v1/tokenize`` on the model's own replica (its engine holds the tokenizer)."""
+    if req.messages is not None:
+        prompt: Any = [{"role": m.role, "content": m.text()} for m in req.messages]
+    else:
+        prompt = req.prompt
+    return await _call(ctx, mv, "tokenize_prompt", prompt, req.add_generation_prompt)
+
+
+async def detokenize(ctx: ServiceContext, mv: ModelVersion, req: p.DetokenizeRequest) -> dict[str, Any]:
+    return await _call(ctx, mv, "detokenize", req.tokens)
+
+
+async def _call(ctx: ServiceContext, mv: ModelVersion, method: str, *args: Any) -> dict[str, Any]:
+    handle = ctx.handles["llm"].options(multiplexed_model_id=mv.id)
+    timeout = ctx.settings.request_timeout_s
+    with replica_errors(mv, timeout):
+        result = await asyncio.wait_for(getattr(handle, method).remote(mv.id, *args), timeout)
+    if "error" in result:
+        raise model_error(result)
+    return result
