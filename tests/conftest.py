@@ -131,3 +131,34 @@ def session_app_args(maas_home: str) -> dict:
     # transformers; tests/serve/test_llamacpp_service.py serves GGUF copies with llama.cpp.
     llm = {"model_engines": {"smollm2-135m-instruct": "transformers"}}
     return {"storage": maas_home, "max_body_bytes": 64 * 1024, "llm": llm}
+
+
+GGUF_CHAT = "smollm2-135m-instruct-gguf"  # the base chat model's GGUF alone: llama.cpp by default
+
+
+@pytest.fixture(scope="session")
+def gguf_model(llm_home: str) -> str:
+    """The base chat version as a GGUF-only version (what `maas models import X.gguf
+    --weights gguf` publishes): its q8_0 file, tokenizer and configs, without safetensors.
+    The session app serves it with llama.cpp ("auto")."""
+    pytest.importorskip("llama_cpp", reason="llama.cpp engine not installed (make install LLAMACPP=0)")
+    import shutil
+
+    from maas_ray.registry import Registry
+
+    registry = Registry(llm_home)
+    if registry.versions(GGUF_CHAT):
+        return registry.get(GGUF_CHAT).id
+    base = registry.get("smollm2-135m-instruct")
+    src = registry.local_dir(base)
+    folder = Path(str(src) + "-gguf-only")
+    folder.mkdir()
+    try:
+        for name in base.card["files"]:
+            if name != "model.safetensors":
+                shutil.copy2(src / name, folder / name)
+        card = {k: v for k, v in base.card.items() if k not in ("files", "name", "created_at")}
+        mv = registry.publish(GGUF_CHAT, folder, dict(card, format="gguf", formats=["gguf"]))
+    finally:
+        shutil.rmtree(folder)
+    return mv.id

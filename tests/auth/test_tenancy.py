@@ -48,7 +48,7 @@ def world(auth_url: str, keys, maas_home: str):
     from maas_ray.finetune.jobs import JobService
     from maas_ray.registry import Registry
 
-    base = f"tenancy-{secrets.token_hex(4)}"  # its own metric label: ft:{base}
+    base = f"leak-{secrets.token_hex(4)}"  # its own metric label: ft:{base}; never contains a tenant name
     hidden = f"ft:{base}:secret:ftjob-{secrets.token_hex(12)}"
     card = {"task": "chat", "tenant": TENANT_A, "owned_by": TENANT_A, "base_model": CHAT}
     for _ in range(2):

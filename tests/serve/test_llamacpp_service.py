@@ -22,34 +22,11 @@ pytest.importorskip("llama_cpp", reason="llama.cpp engine not installed (make in
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 CHAT = "smollm2-135m-instruct"  # pinned to transformers by tests/conftest.py
-GGUF_CHAT = "smollm2-135m-instruct-gguf"  # the same GGUF alone: llama.cpp by default ("auto")
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Count from 1 to 20.", "Hi",
            "Explain gravity in one sentence to a curious child who likes football.", "List three colors.",
            "What is 2+2?", "Name a famous scientist.", "Tell me a joke about cats."]
 MAX_TOKENS = [40, 24, 32, 40, 24, 32, 40, 24, 32]
-
-
-@pytest.fixture(scope="module")
-def gguf_model(llm_home: str) -> str:
-    """The base version as a GGUF-only version (what `maas models import X.gguf --weights gguf`
-    publishes): its q8_0 file, tokenizer and configs, without safetensors."""
-    registry = Registry(llm_home)
-    if registry.versions(GGUF_CHAT):
-        return registry.get(GGUF_CHAT).id
-    base = registry.get(CHAT)
-    src = registry.local_dir(base)
-    folder = Path(str(src) + "-gguf-only")
-    folder.mkdir()
-    try:
-        for name in base.card["files"]:
-            if name != "model.safetensors":
-                shutil.copy2(src / name, folder / name)
-        card = {k: v for k, v in base.card.items() if k not in ("files", "name", "created_at")}
-        mv = registry.publish(GGUF_CHAT, folder, dict(card, format="gguf", formats=["gguf"]))
-    finally:
-        shutil.rmtree(folder)
-    return mv.id
 
 
 @pytest.fixture(scope="module")

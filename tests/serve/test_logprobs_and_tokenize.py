@@ -5,18 +5,15 @@ two engines' logprobs on the same weights (an f32 GGUF against safetensors), in-
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 
 import openai
 import pytest
 
-from maas_ray.registry import Registry
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 CHAT = "smollm2-135m-instruct"  # pinned to transformers by tests/conftest.py
-GGUF_CHAT = "smollm2-135m-instruct-gguf"  # its q8_0 GGUF alone: llama.cpp (as test_llamacpp_service.py)
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 # Measured on a 2-core AVX-512 machine (3 chat prompts x 24 greedy tokens): chosen tokens'
 # logprobs within 0.0062, top-5 within 0.011 (f32 GGUF against float32 safetensors: llama.cpp
@@ -27,29 +24,6 @@ F32_TOLERANCE = 0.05
 @pytest.fixture(scope="module")
 def client(serve_url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{serve_url}/v1", api_key="unused", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def gguf_model(llm_home: str) -> str:
-    """The base version as a GGUF-only version (the same one test_llamacpp_service.py makes;
-    whichever module runs first publishes it)."""
-    pytest.importorskip("llama_cpp", reason="llama.cpp engine not installed (make install LLAMACPP=0)")
-    registry = Registry(llm_home)
-    if registry.versions(GGUF_CHAT):
-        return registry.get(GGUF_CHAT).id
-    base = registry.get(CHAT)
-    src = registry.local_dir(base)
-    folder = Path(str(src) + "-gguf-only-logprobs")
-    folder.mkdir()
-    try:
-        for name in base.card["files"]:
-            if name != "model.safetensors":
-                shutil.copy2(src / name, folder / name)
-        card = {k: v for k, v in base.card.items() if k not in ("files", "name", "created_at")}
-        mv = registry.publish(GGUF_CHAT, folder, dict(card, format="gguf", formats=["gguf"]))
-    finally:
-        shutil.rmtree(folder)
-    return mv.id
 
 
 @pytest.fixture(scope="module", params=["transformers", "llama.cpp"])
