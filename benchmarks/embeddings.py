@@ -30,7 +30,7 @@ def sentences(n: int) -> list[str]:
 
 
 def in_process(model_dir: str, total: int, batch: int) -> float:
-    from maas_ray.serve.llm import Embedder
+    from maas_ray.engines import Embedder
 
     emb = Embedder(model_dir)
     texts = sentences(total)

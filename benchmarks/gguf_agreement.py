@@ -6,7 +6,7 @@ reference on the same weights, and speed, side by side in one run.
 The reference is the transformers engine on the base SmolLM2 version's safetensors
 (the Q4_1 file dequantised, exactly). Rows: llama.cpp on the shipped Q4_1 GGUF, and
 on q8_0 / f16 / f32 GGUFs exported from those safetensors. For each: exact-match,
-prefix and first-token agreement over ``tests/serve/data/greedy_prompts.json`` (36
+prefix and first-token agreement over ``tests/engines/data/greedy_prompts.json`` (36
 prompts), single-stream tokens/s (128 tokens, EOS ignored) and 16-stream tokens/s,
 with ratios to the Q4_1 row. Writes ``benchmarks/results/gguf_agreement.json``.
 """
@@ -23,13 +23,13 @@ from pathlib import Path
 from maas_ray.registry import Registry
 from maas_ray.registry.gguf_export import export_gguf
 from maas_ray.registry.importer import ensure_base_models
-from maas_ray.serve.llm import LlamaCppEngine, TransformersEngine
-from maas_ray.serve.llm.agreement import agreement, greedy, load_prompts
+from maas_ray.engines import LlamaCppEngine, TransformersEngine
+from maas_ray.engines.agreement import agreement, greedy, load_prompts
 
 from llamacpp_builds import tokens_per_s  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS = REPO / "tests" / "serve" / "data" / "greedy_prompts.json"
+PROMPTS = REPO / "tests" / "engines" / "data" / "greedy_prompts.json"
 RESULTS = REPO / "benchmarks" / "results" / "gguf_agreement.json"
 
 

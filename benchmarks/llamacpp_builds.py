@@ -24,7 +24,7 @@ from typing import Any
 
 def tokens_per_s(engine: Any, streams: int, new_tokens: int) -> float:
     """Our engine's total tokens/s for ``streams`` concurrent greedy requests, EOS ignored."""
-    from maas_ray.serve.llm import SamplingParams
+    from maas_ray.engines import SamplingParams
 
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
@@ -41,8 +41,8 @@ def tokens_per_s(engine: Any, streams: int, new_tokens: int) -> float:
 
 
 def measure(gguf: str, tokenizer: str, threads: int | None) -> dict:
-    from maas_ray.serve.llm import LlamaCppEngine
-    from maas_ray.serve.llm.batch_check import check_batch_invariance
+    from maas_ray.engines import LlamaCppEngine
+    from maas_ray.engines.batch_check import check_batch_invariance
 
     with LlamaCppEngine(gguf, tokenizer_dir=tokenizer, max_batch_size=16, n_threads=threads,
                         self_check=False) as eng:

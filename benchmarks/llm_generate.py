@@ -169,7 +169,7 @@ def llamacpp_batched(gguf: str, prompts: list[list[int]], new_tokens: int, threa
     import llama_cpp as L
     import numpy as np
 
-    from maas_ray.serve.llm.llamacpp_engine import load_llama_cpp
+    from maas_ray.engines.llamacpp_engine import load_llama_cpp
 
     load_llama_cpp()  # routes llama.cpp's log lines to logging
     n = len(prompts)
@@ -214,7 +214,7 @@ def llamacpp_batched(gguf: str, prompts: list[list[int]], new_tokens: int, threa
 
 # -- our engines in process, and the service over HTTP ----------------------------------------
 async def _engine_stream(engine, i: int, new_tokens: int) -> tuple[float, list[float], int]:
-    from maas_ray.serve.llm import SamplingParams
+    from maas_ray.engines import SamplingParams
 
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     start, times = time.perf_counter(), []
@@ -397,7 +397,7 @@ def main() -> None:
     }
     prompts = prompt_ids(model_dir, max(args.levels + [16, args.sequential]))
     if "transformers" in args.engines:
-        from maas_ray.serve.llm import TransformersEngine
+        from maas_ray.engines import TransformersEngine
 
         print("(a)/(b) transformers generate ...", flush=True)
         results.update(in_own_thread(hf_baselines, model_dir, args.new_tokens, args.sequential))
@@ -405,7 +405,7 @@ def main() -> None:
         results["engine"]["transformers"] = engine_levels(
             lambda: TransformersEngine(model_dir, max_batch_size=max(args.levels)), args.new_tokens, args.levels)
     if "llama.cpp" in args.engines:
-        from maas_ray.serve.llm import LlamaCppEngine
+        from maas_ray.engines import LlamaCppEngine
 
         print("(e) llama-cpp-python alone ...", flush=True)
         # Each on a thread that then exits, like the transformers rows: llama.cpp's

@@ -4,7 +4,7 @@
 
 Four stop strings of ``--stop-chars`` characters each (the most the OpenAI API takes)
 that never occur, and a completion of ``--tokens`` tokens of 4 characters: each token
-is pushed into a :class:`~maas_ray.serve.llm.detokenize.TextStream` and its safe text
+is pushed into a :class:`~maas_ray.engines.detokenize.TextStream` and its safe text
 taken, as the engines do. "rescan" is the check as it was before (``find`` of every
 stop in the recent text, then the longest stop prefix at the end, tried length by
 length: O(len(stop)²) per token); "linear" is today's KMP matcher. No model: a
@@ -21,7 +21,7 @@ import random
 import time
 from pathlib import Path
 
-from maas_ray.serve.llm.detokenize import TextStream
+from maas_ray.engines.detokenize import TextStream
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stop_strings.json"
 

@@ -30,7 +30,7 @@ class EmbeddingServer:
     @serve.multiplexed(max_num_models_per_replica=MAX_EMBEDDERS_PER_REPLICA)
     async def get_model(self, model_id: str) -> Any:
         """An Embedder, or a TextClassifier for fine-tuned classifiers (same encoders)."""
-        from maas_ray.serve.llm import Embedder, TextClassifier
+        from maas_ray.engines import Embedder, TextClassifier
 
         task = (await asyncio.to_thread(self.registry.get, model_id)).task
         return await load_version(self.registry, model_id,

@@ -48,7 +48,7 @@ class LLMServer:
                  model_engines: dict[str, str] | None = None, llama_cpp_threads: int | None = None,
                  stream_interval_s: float = 0.05, request_timeout_s: float = 600.0,
                  max_request_share: float = 0.5) -> None:
-        from maas_ray.serve.llm.selection import EngineConfig
+        from maas_ray.engines.selection import EngineConfig
 
         self.registry = Registry(storage_root)
         self.engines = EngineConfig(engine, dict(model_engines or {}), max_batch_size,  # type: ignore[arg-type]
@@ -58,7 +58,7 @@ class LLMServer:
 
     @serve.multiplexed(max_num_models_per_replica=MAX_LLMS_PER_REPLICA)
     async def get_engine(self, model_id: str) -> Any:
-        from maas_ray.serve.llm.selection import engine_loader
+        from maas_ray.engines.selection import engine_loader
 
         loader = engine_loader(self.registry.get(model_id), self.engines)
         return await load_version(self.registry, model_id, loader)
@@ -70,9 +70,9 @@ class LLMServer:
         ``{"error"}``, then text deltas. ``params["group"]`` names the client request
         (its ``n`` choices share it, for fair admission); unless ``params["stream"]``,
         the engine aborts the request after ``request_timeout_s`` with
-        :class:`~maas_ray.serve.llm.engine.RequestTimeout`."""
-        from maas_ray.serve.llm import SamplingParams
-        from maas_ray.serve.llm.selection import EngineUnavailable
+        :class:`~maas_ray.engines.engine.RequestTimeout`."""
+        from maas_ray.engines import SamplingParams
+        from maas_ray.engines.selection import EngineUnavailable
 
         try:
             engine = await self.get_engine(model_id)
@@ -133,7 +133,7 @@ class LLMServer:
     async def tokenize_prompt(self, model_id: str, prompt: str | list[dict[str, str]],
                               add_generation_prompt: bool = True) -> dict[str, Any]:
         """``/v1/tokenize``: ``{"tokens", "count", "max_model_len"}``, or ``{"error"}``."""
-        from maas_ray.serve.llm.selection import EngineUnavailable
+        from maas_ray.engines.selection import EngineUnavailable
 
         try:
             engine = await self.get_engine(model_id)
@@ -148,7 +148,7 @@ class LLMServer:
     async def detokenize(self, model_id: str, tokens: list[int]) -> dict[str, Any]:
         """``/v1/detokenize``: ``{"prompt"}`` (special tokens spelt out), or ``{"error"}`` for
         an id outside the vocabulary."""
-        from maas_ray.serve.llm.selection import EngineUnavailable
+        from maas_ray.engines.selection import EngineUnavailable
 
         try:
             engine = await self.get_engine(model_id)
@@ -191,9 +191,9 @@ async def tokenize(engine: Any, prompt: str | list[dict[str, str]], add_generati
 
 
 def wire_logprobs(pieces: Any, entries: list[Any]) -> list[dict[str, Any]]:
-    """Engine :class:`~maas_ray.serve.llm.engine.TokenLogprob` entries in OpenAI's chat shape
+    """Engine :class:`~maas_ray.engines.engine.TokenLogprob` entries in OpenAI's chat shape
     (``{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}``);
-    ``pieces``: token id → (text, bytes) (:class:`~maas_ray.serve.llm.logprobs.TokenPieces`)."""
+    ``pieces``: token id → (text, bytes) (:class:`~maas_ray.engines.logprobs.TokenPieces`)."""
     def one(token_id: int, logprob: float) -> dict[str, Any]:
         text, raw = pieces(token_id)
         return {"token": text, "logprob": logprob, "bytes": raw}
@@ -204,7 +204,7 @@ def wire_logprobs(pieces: Any, entries: list[Any]) -> list[dict[str, Any]]:
 async def paced(chunks: AsyncIterator[Any], interval_s: float) -> AsyncIterator[Any]:
     """The first chunk at once, then at most one per ``interval_s``: chunks decoded in
     between are merged (same text, same token ids). The last one is never held."""
-    from maas_ray.serve.llm.batching import merge
+    from maas_ray.engines.batching import merge
 
     held: list[Any] = []
     last = -interval_s

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from maas_ray import storage
-from maas_ray.serve.llm.selection import EngineChoice
+from maas_ray.engines.selection import EngineChoice
 
 # The deployments of the maas app, by the names Serve configs use for them.
 DEPLOYMENTS = ("Ingress", "Predictor", "LLMServer", "EmbeddingServer")

@@ -95,7 +95,7 @@ def test_completions_stop_n_and_seed(client) -> None:
 
 
 def test_embeddings_float_base64_and_similarity(client, llm_dirs) -> None:
-    from maas_ray.serve.llm import Embedder
+    from maas_ray.engines import Embedder
 
     texts = ["A cat sits on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply today."]
     r = client.embeddings.create(model=EMB, input=texts)

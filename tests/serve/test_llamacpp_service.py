@@ -42,7 +42,7 @@ def llama_cpp_python(gguf_model: str, llm_home: str):
     import llama_cpp.llama_cpp as low
     from llama_cpp import Llama
 
-    from maas_ray.serve.llm.llamacpp_engine import plain_weight_buffers
+    from maas_ray.engines.llamacpp_engine import plain_weight_buffers
 
     registry = Registry(llm_home)
     path = registry.local_dir(registry.get(gguf_model)) / "model.gguf"
@@ -188,7 +188,7 @@ def test_fine_tuned_smollm2_exported_to_gguf_answers_like_transformers(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from maas_ray.registry.gguf_export import attach_gguf
-    from maas_ray.serve.llm import SamplingParams, TransformersEngine
+    from maas_ray.engines import SamplingParams, TransformersEngine
 
     base_dir = Path(llm_dirs[CHAT])
     tok = AutoTokenizer.from_pretrained(base_dir)

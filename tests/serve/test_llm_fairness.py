@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from maas_ray.serve.llm import SamplingParams
-from maas_ray.serve.llm.detokenize import TextStream
-from maas_ray.serve.llm.engine import RequestTimeout
+from maas_ray.engines import SamplingParams
+from maas_ray.engines.detokenize import TextStream
+from maas_ray.engines.engine import RequestTimeout
 from maas_ray.serve.llm_server import PromptTooLong, tokenize
 from test_llm_engine import _ids, _until  # the same helpers as the engine tests
 
@@ -27,12 +27,12 @@ HANG_S = 120  # only guards against a hang: a loaded 2-core CI machine decodes s
 def engine(request: pytest.FixtureRequest, llm_dirs: dict[str, str]):
     folder = Path(llm_dirs[CHAT])
     if request.param == "transformers":
-        from maas_ray.serve.llm import TransformersEngine
+        from maas_ray.engines import TransformersEngine
 
         eng = TransformersEngine(folder, max_batch_size=BATCH)
     else:
         pytest.importorskip("llama_cpp", reason="llama.cpp engine not installed (make install LLAMACPP=0)")
-        from maas_ray.serve.llm import LlamaCppEngine
+        from maas_ray.engines import LlamaCppEngine
 
         # The base version keeps its q8_0 GGUF as model.gguf; the batch self-check is
         # test_llamacpp.py's business, not this file's.

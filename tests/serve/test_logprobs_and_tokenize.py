@@ -137,7 +137,7 @@ def test_engines_agree_on_f32_gguf(llm_dirs: dict[str, str], tmp_path: Path) -> 
     the top-5 tokens stay within F32_TOLERANCE; compared until the first differing token."""
     pytest.importorskip("llama_cpp", reason="llama.cpp engine not installed (make install LLAMACPP=0)")
     from maas_ray.registry.gguf_export import export_gguf
-    from maas_ray.serve.llm import LlamaCppEngine, SamplingParams, TransformersEngine
+    from maas_ray.engines import LlamaCppEngine, SamplingParams, TransformersEngine
 
     folder = Path(llm_dirs[CHAT])
     export_gguf(folder, tmp_path / "model.gguf", "f32")

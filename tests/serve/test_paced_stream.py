@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from maas_ray.serve.llm.engine import GenerationChunk
+from maas_ray.engines.engine import GenerationChunk
 from maas_ray.serve.llm_server import paced
 
 

@@ -23,7 +23,7 @@ from maas_ray.registry import ModelVersion
 from maas_ray.serve.calls import replica_errors
 from maas_ray.serve.context import ServiceContext
 from maas_ray.serve.errors import APIError
-from maas_ray.serve.llm.engine import RequestTimeout
+from maas_ray.engines.engine import RequestTimeout
 from maas_ray.serve.openai import protocol as p
 
 CHAT_TASKS = ("chat",)

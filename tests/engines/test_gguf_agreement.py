@@ -1,6 +1,6 @@
 """The default chat engine answers as the weights do: llama.cpp on the base version's GGUF
 against the transformers engine on the same version's safetensors, greedy, over the 36
-shipped prompts (tests/serve/data/greedy_prompts.json). No Ray."""
+shipped prompts (tests/engines/data/greedy_prompts.json). No Ray."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from maas_ray.serve.llm.agreement import agreement, greedy, load_prompts
+from maas_ray.engines.agreement import agreement, greedy, load_prompts
 
 pytest.importorskip("llama_cpp", reason="llama.cpp engine not installed (make install LLAMACPP=0)")
 pytestmark = pytest.mark.slow
@@ -21,7 +21,7 @@ MAX_TOKENS = 32
 def test_llama_cpp_on_the_base_gguf_agrees_with_transformers(llm_dirs: dict[str, str]) -> None:
     from maas_ray.registry.gguf_export import DEFAULT_OUTTYPE
     from maas_ray.registry.importer import _gguf_file_type
-    from maas_ray.serve.llm import LlamaCppEngine, TransformersEngine
+    from maas_ray.engines import LlamaCppEngine, TransformersEngine
 
     folder = Path(llm_dirs[CHAT])
     # The type benchmarks/gguf_agreement.py chose; the shipped Q4_1 agreed less (README).

@@ -41,7 +41,7 @@ Weights stay in llama.cpp's plain CPU buffers. Its "extra" buffer types
 with other kernels than many-row ones; on AMX CPUs that made batched greedy
 output diverge, into garbage. And since no test on one machine covers every
 CPU, the engine checks the one it runs on when it loads
-(:mod:`maas_ray.serve.llm.batch_check`): if a request's logits alone and in a
+(:mod:`maas_ray.engines.batch_check`): if a request's logits alone and in a
 batch differ, it says so loudly and decodes one request at a time.
 
 Admission reserves ``prompt + max_tokens`` KV cells per request and never
@@ -69,12 +69,12 @@ from typing import Any
 
 import numpy as np
 
-from maas_ray.serve.llm.batch_check import BatchCheck
-from maas_ray.serve.llm.batching import BatchingEngine, Request
+from maas_ray.engines.batch_check import BatchCheck
+from maas_ray.engines.batching import BatchingEngine, Request
 
 logger = logging.getLogger(__name__)
 
-from maas_ray.serve.llm.llamacpp_lib import (  # noqa: F401 - re-exported
+from maas_ray.engines.llamacpp_lib import (  # noqa: F401 - re-exported
     INSTALL_HINT, LlamaCppUnavailable, llama_cpp_available, load_llama_cpp,
     plain_weight_buffers)
 
@@ -174,7 +174,7 @@ class LlamaCppEngine(BatchingEngine):
 
     def _check_batching(self) -> None:
         """Run the batch self-check; fall back to one request at a time if it fails."""
-        from maas_ray.serve.llm.batch_check import check_batch_invariance
+        from maas_ray.engines.batch_check import check_batch_invariance
 
         if self.max_batch_size < 2 or not self.self_check:
             return

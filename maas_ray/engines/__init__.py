@@ -1,7 +1,8 @@
-"""Text generation and embedding engines that run inside model replicas.
+"""Text generation, embedding and classification engines: plain Python, no Serve in them.
 
-Import cost matters in Serve replicas, so heavy modules (torch, transformers)
-load only when one of these names is first used.
+Serve replicas (``maas_ray.serve``) run them behind the HTTP routes, and Ray Data
+workers can run the same code offline. Import cost matters in replicas, so heavy
+modules (torch, transformers) load only when one of these names is first used.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from maas_ray.serve.llm.classifier import TextClassifier
-    from maas_ray.serve.llm.embedder import Embedder
-    from maas_ray.serve.llm.engine import (EngineClosed, GenerationChunk, GenerationEngine,
+    from maas_ray.engines.classifier import TextClassifier
+    from maas_ray.engines.embedder import Embedder
+    from maas_ray.engines.engine import (EngineClosed, GenerationChunk, GenerationEngine,
                                            SamplingParams)
-    from maas_ray.serve.llm.llamacpp_engine import LlamaCppEngine
-    from maas_ray.serve.llm.transformers_engine import TransformersEngine
+    from maas_ray.engines.llamacpp_engine import LlamaCppEngine
+    from maas_ray.engines.transformers_engine import TransformersEngine
 
 _WHERE = {
     "Embedder": "embedder",

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from maas_ray.registry.importer import BASE_MODELS
-from maas_ray.serve.llm import Embedder
+from maas_ray.engines import Embedder
 
 EMB = "all-minilm-l6-v2"
 SENTENCES = ["A cat sits on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply today.",

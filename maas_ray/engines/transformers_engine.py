@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from maas_ray.serve.llm.batching import BatchingEngine, Request
-from maas_ray.serve.llm.kv_batch import BatchCache, check_supported
+from maas_ray.engines.batching import BatchingEngine, Request
+from maas_ray.engines.kv_batch import BatchCache, check_supported
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from maas_ray.serve.llm.llamacpp_engine import LlamaCppEngine
+    from maas_ray.engines.llamacpp_engine import LlamaCppEngine
 
 CHECK_PROMPTS = (
     "What is the capital of France? Answer in one word.",

@@ -8,8 +8,8 @@ import asyncio
 import pytest
 import torch
 
-from maas_ray.serve.llm import EngineClosed, SamplingParams, TransformersEngine
-from maas_ray.serve.llm.detokenize import TextStream
+from maas_ray.engines import EngineClosed, SamplingParams, TransformersEngine
+from maas_ray.engines.detokenize import TextStream
 
 CHAT = "smollm2-135m-instruct"
 # Different prompt lengths, so rows are left-padded differently in the batch.

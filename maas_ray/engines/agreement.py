@@ -13,12 +13,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from maas_ray.serve.llm.engine import GenerationEngine, SamplingParams
+from maas_ray.engines.engine import GenerationEngine, SamplingParams
 
 
 
 def load_prompts(path: Path) -> list[str]:
-    """A prompt set such as ``tests/serve/data/greedy_prompts.json`` (``{"prompts": [{"text"}]}``)."""
+    """A prompt set such as ``tests/engines/data/greedy_prompts.json`` (``{"prompts": [{"text"}]}``)."""
     return [p["text"] for p in json.loads(path.read_text())["prompts"]]
 
 

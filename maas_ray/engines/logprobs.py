@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from maas_ray.serve.llm.engine import TokenLogprob
+from maas_ray.engines.engine import TokenLogprob
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
