@@ -1,6 +1,7 @@
-"""The two ways users start the service, as real processes talking real HTTP.
+"""The two ways users start the service, as real processes talking real HTTP, and a
+fine-tune job beside a plain `maas up`.
 
-Each test owns its process group and tears it down in ``finally`` (SIGINT first,
+Each process runs in a group of its own, torn down in ``finally`` (SIGINT first,
 so the command's own clean shutdown is exercised, then SIGKILL of that group and
 of any process its Ray left outside the group).
 """
@@ -15,10 +16,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import psutil
 import pytest
 
@@ -87,30 +90,95 @@ def test_serve_run_app_config_answers_healthz(tmp_path: Path) -> None:
         stop(proc)
 
 
-def test_maas_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    port, metrics = free_port(), free_port()
-    up = [str(BIN / "maas"), "up", "--port", str(port), "--metrics-port", str(metrics)]
-    base = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "up.log"
-    proc = start(up, tmp_path, log_path)
+@dataclass
+class Up:
+    """A running ``maas up`` (default app config, embedded Ray on this machine's CPUs)."""
+
+    proc: subprocess.Popen
+    tmp: Path
+    port: int
+    metrics: int
+    log_path: Path
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def args(self) -> list[str]:
+        return [str(BIN / "maas"), "up", "--port", str(self.port), "--metrics-port", str(self.metrics)]
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    """One first start on an empty registry, shared by the tests below (a start costs a
+    minute on 2 CPUs); the Ctrl-C test ends it."""
+    tmp = tmp_path_factory.mktemp("up")
+    running = Up(None, tmp, free_port(), free_port(), tmp / "up.log")  # type: ignore[arg-type]
+    running.proc = start(running.args, tmp, running.log_path)
+    try:
+        wait_for(lambda: httpx.get(f"{running.base}/healthz", timeout=2).status_code == 200,
+                 240, running.proc, "maas up to answer /healthz")
+        yield running
+    finally:
+        stop(running.proc)
+
+
+def test_first_maas_up_imports_the_offline_models(up: Up) -> None:
+    r = httpx.get(f"{up.base}/v1/models", timeout=10)
+    assert r.status_code == 200
+    # first start on an empty registry imported the offline base models
+    assert {m["id"] for m in r.json()["data"]} >= {"smollm2-135m-instruct", "all-minilm-l6-v2"}
+    r = httpx.post(f"{up.base}/v1/models/missing/predict", json={"inputs": [[1.0]]})
+    assert r.status_code == 404
+    wait_for(lambda: "maas is up" in up.log_path.read_text(), 60, up.proc, "the start-up banner")
+
+
+def test_a_job_fits_beside_maas_up_on_this_machines_cpus(up: Up) -> None:
+    """Fine-tuning beside the running app, as a user does it: plain `maas up`, the official
+    openai SDK, one small job, and a chat with its result.
+
+    On a 2-CPU machine the app's replicas hold ~1.1 CPU. Jobs used to ask Ray for whole CPUs
+    (a Ray Data read task, a 1-CPU training worker) and stayed queued forever; the shared
+    test Ray (4 logical CPUs, tests/conftest.py) hid it.
+    """
+    client = openai.OpenAI(base_url=f"{up.base}/v1", api_key="unused", max_retries=0, timeout=120)
+    data = (REPO / "examples" / "finetune" / "chat.jsonl").read_bytes()  # 16 chats
+    training = client.files.create(file=("chat.jsonl", data), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="smollm2-135m-instruct", training_file=training.id,
+                                         hyperparameters={"n_epochs": 1, "batch_size": 8})
+
+    def ended() -> bool:
+        return client.fine_tuning.jobs.retrieve(job.id).status in ("succeeded", "failed", "cancelled")
+
+    wait_for(ended, 300, up.proc, f"job {job.id} to end")
+    job = client.fine_tuning.jobs.retrieve(job.id)
+    events = [e.message for e in reversed(client.fine_tuning.jobs.list_events(job.id, limit=100).data)]
+    assert job.status == "succeeded", f"{job.error}\n" + "\n".join(events)
+    # Its worker took what was free (at most 1 CPU), not more than the app left.
+    sized = [re.search(r"^Training with 1 worker × ([\d.]+) CPU", m) for m in events]
+    cpus = [float(m.group(1)) for m in sized if m]
+    assert len(cpus) == 1 and 0.25 <= cpus[0] <= 1, events
+
+    reply = client.chat.completions.create(
+        model=job.fine_tuned_model, temperature=0, max_tokens=16,
+        messages=[{"role": "user", "content": "What is the capital of Zorbex?"}])
+    assert reply.model == f"{job.fine_tuned_model}:1"  # the version that answered
+    assert (reply.choices[0].message.content or "").strip()
+
+
+def test_maas_up_stops_cleanly_on_ctrl_c(up: Up) -> None:
+    proc, base, log_path, tmp_path = up.proc, up.base, up.log_path, up.tmp
+    port, metrics = up.port, up.metrics
     ours: list[psutil.Process] = []
     try:
-        wait_for(lambda: httpx.get(f"{base}/healthz", timeout=2).status_code == 200,
-                 240, proc, "maas up to answer /healthz")
-        r = httpx.get(f"{base}/v1/models", timeout=10)
-        assert r.status_code == 200
-        # first start on an empty registry imported the offline base models
-        assert {m["id"] for m in r.json()["data"]} >= {"smollm2-135m-instruct", "all-minilm-l6-v2"}
-        r = httpx.post(f"{base}/v1/models/missing/predict", json={"inputs": [[1.0]]})
-        assert r.status_code == 404
-        wait_for(lambda: "maas is up" in log_path.read_text(), 60, proc, "the start-up banner")
         # A scrape: the metrics server closes the connection, so its port keeps a
         # TIME_WAIT socket, which must not stop the restart below.
         assert httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).status_code == 200
         # Ctrl-C with generation in flight (one stream under way, three more sent;
         # whether they run beside it is the engine's business): the stop may not wait.
         streaming = [_stream_chat(base) for _ in range(4)]
-        wait_for(lambda: any(s.is_set() for s in streaming), 120, proc, "a stream to start")
+        wait_for(lambda: any(s.is_set() for s in streaming), 300, proc, "a stream to start")
         ours, temp_dir = ray_processes(proc)
         code, took_s = interrupt(proc, times=1)
         print(f"Ctrl-C to exit, streams in flight: {took_s:.1f} s")
@@ -124,7 +192,7 @@ def test_maas_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     # At once on the same ports (Ray's agents used to hold the metrics port ~50 s
     # more); then a second Ctrl-C while it stops forces the stop.
     log_path = tmp_path / "up-again.log"
-    proc = start(up, tmp_path, log_path)
+    proc = start(up.args, tmp_path, log_path)
     ours = []
     try:
         wait_for(lambda: httpx.get(f"{base}/healthz", timeout=2).status_code == 200,
@@ -174,7 +242,7 @@ def _stream_chat(base: str) -> threading.Event:
         body = {"model": "smollm2-135m-instruct", "stream": True, "max_tokens": 256,
                 "messages": [{"role": "user", "content": "Tell a long story about the sea."}]}
         try:
-            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=30) as r:
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=300) as r:  # a cold model load
                 for line in r.iter_lines():
                     if line.startswith("data:"):
                         started.set()
