@@ -1,4 +1,4 @@
-"""The project database: uploaded files, fine-tuning jobs, their events and checkpoints.
+"""The project database: uploaded files, fine-tuning jobs, their events and checkpoints, batches.
 
 SQLite under the storage root by default (``{storage}/maas.db``); any SQLAlchemy
 URL in ``$MAAS_DATABASE_URL`` instead (``postgresql://...`` for a cluster, where
@@ -116,6 +116,36 @@ class CheckpointRow(Base):
     epoch: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     uri: Mapped[str] = mapped_column(Text)
+
+
+class BatchRow(Base):
+    """A Batch API batch (``/v1/batches``, :mod:`maas_ray.batches`)."""
+
+    __tablename__ = "batches"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), index=True, default="default")
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # how it runs: engines, workers, batch sizes
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # the client's metadata
+    output_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    errors: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    ray_job_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    created_ns: Mapped[int] = mapped_column(BigInteger, default=time.time_ns, index=True)
+    # When it entered each later status (OpenAI's *_at fields); None until it does.
+    in_progress_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    finalizing_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    completed_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    failed_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    cancelling_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    cancelled_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 @functools.lru_cache(maxsize=8)

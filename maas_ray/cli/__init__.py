@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from maas_ray.cli import chat, jobs, keys, models, predict, train, up, usage
+from maas_ray.cli import batch, chat, jobs, keys, models, predict, train, up, usage
 
 app = typer.Typer(
     name="maas",
@@ -24,6 +24,7 @@ app.command("usage")(usage.usage)
 app.add_typer(models.app, name="models")
 app.add_typer(keys.app, name="keys")
 app.add_typer(jobs.app, name="jobs")
+app.add_typer(batch.app, name="batch")
 
 
 def main() -> None:

@@ -19,7 +19,9 @@ from maas_ray.config.finetune import FineTuneSpec
 
 app = typer.Typer(help="Fine-tuning jobs: list, inspect, follow, cancel.", no_args_is_help=True)
 
-_STATUS_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan"}
+# Fine-tuning jobs' statuses and batches' (maas batch) alike.
+_STATUS_STYLE = {"succeeded": "green", "completed": "green", "failed": "red", "cancelled": "yellow",
+                 "cancelling": "yellow", "running": "cyan", "in_progress": "cyan", "finalizing": "cyan"}
 
 
 def _when(ts: int | None) -> str:

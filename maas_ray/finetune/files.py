@@ -19,10 +19,12 @@ from typing import Any, BinaryIO
 from sqlalchemy import select
 
 from maas_ray import db, storage
-from maas_ray.finetune.formats import DataFormatError, FileSummary, LineValidator
+from maas_ray.finetune.formats import BatchLineValidator, DataFormatError, FileSummary, LineValidator
 from maas_ray.tenancy import DEFAULT_TENANT, owns
 
 PURPOSES = ("fine-tune", "batch", "user_data", "assistants", "evals")
+# What the service writes itself (a batch's results), never what a client may upload as.
+SERVICE_PURPOSES = ("batch_output",)
 CHUNK_BYTES = 1 << 20  # read and written at a time (file contents, re-validation)
 
 
@@ -70,7 +72,7 @@ class FileStore:
 
     def create(self, filename: str, content: BinaryIO | bytes | Iterable[bytes], purpose: str,
                tenant: str = DEFAULT_TENANT) -> StoredFile:
-        """Validate (for ``fine-tune``) and store an upload; raise :class:`FileRejected`.
+        """Validate (``fine-tune``, ``batch``) and store an upload; raise :class:`FileRejected`.
         ``content`` may be bytes, a binary file or an iterable of chunks (streamed)."""
         with self.upload(filename, purpose, tenant) as upload:
             for chunk in _chunks(content):
@@ -81,6 +83,15 @@ class FileStore:
         """Start a streamed upload (a context manager that aborts it on error). ``purpose``
         may be ``None`` when a form sends it after the file: give it to :meth:`Upload.commit`."""
         return Upload(self, filename, purpose, tenant)
+
+    def output(self, filename: str, purpose: str, tenant: str) -> Upload:
+        """A file the service writes for a tenant (``purpose`` in :data:`SERVICE_PURPOSES`),
+        streamed and committed like an upload."""
+        if purpose not in SERVICE_PURPOSES:
+            raise ValueError(f"not a service purpose: {purpose!r}")
+        upload = Upload(self, filename, None, tenant)
+        upload.purpose = purpose
+        return upload
 
     def get(self, file_id: str, tenant: str = DEFAULT_TENANT) -> StoredFile:
         with db.session(self.root) as s:
@@ -164,14 +175,14 @@ class Upload:
             raise FileRejected(f"no purpose given: send one of {list(PURPOSES)}", "purpose")
         if purpose not in PURPOSES:
             raise FileRejected(f"purpose must be one of {list(PURPOSES)} (got {purpose!r})", "purpose")
-        if purpose == "fine-tune":
+        if purpose in ("fine-tune", "batch"):
             if not self.filename.endswith(".jsonl"):
-                raise FileRejected(f"fine-tune files must be JSONL (*.jsonl), got {self.filename!r}")
-            self._validator = LineValidator()
+                raise FileRejected(f"{purpose} files must be JSONL (*.jsonl), got {self.filename!r}")
+            self._validator = LineValidator() if purpose == "fine-tune" else BatchLineValidator()
         self.purpose = purpose
 
     def write(self, chunk: bytes) -> None:
-        """Validate (fine-tune files, line by line) and store one chunk."""
+        """Validate (fine-tune and batch files, line by line) and store one chunk."""
         if self._validator is not None:
             self._validate(self._validator.feed, chunk)
         self._out.write(chunk)

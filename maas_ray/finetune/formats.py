@@ -10,6 +10,9 @@ Three JSONL shapes, one per line, the same shape on every line of a file:
 :func:`validate_lines` checks the shape (what an upload needs);
 :func:`check_for_task` then checks that a validated file suits a base model's
 task (what a job needs before it trains).
+
+Batch API input files (purpose ``batch``) are JSONL too, one request per line;
+:class:`BatchLineValidator` checks them as they upload, with the same line numbers.
 """
 
 from __future__ import annotations
@@ -139,19 +142,25 @@ class LineValidator:
             self._rows += 1
             self._check(self._n, raw)
 
-    def _check(self, n: int, raw: bytes) -> None:
+    def _parse(self, n: int, raw: bytes) -> tuple[bool, Any]:
+        """(True, the line's JSON value), or (False, None) with the error recorded."""
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
             self._error(n, f"not UTF-8 text ({err.reason} at byte {err.start + 1})")
-            return
+            return False, None
         if json_too_deep(raw, MAX_DEPTH):
             self._error(n, f"nests deeper than {MAX_DEPTH} levels")
-            return
+            return False, None
         try:
-            row = json.loads(text)
+            return True, json.loads(text)
         except json.JSONDecodeError as err:
             self._error(n, f"not valid JSON ({err.msg} at column {err.colno})")
+            return False, None
+
+    def _check(self, n: int, raw: bytes) -> None:
+        ok, row = self._parse(n, raw)
+        if not ok:
             return
         shape = _shape(row)
         if shape not in ("chat", "completion", "classification"):
@@ -169,6 +178,65 @@ class LineValidator:
         if len(self._errors) >= MAX_ERRORS:
             self._errors.append(f"(stopped after {MAX_ERRORS} errors)")
             raise DataFormatError("; ".join(self._errors))
+
+
+BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+MAX_CUSTOM_ID_CHARS = 512
+
+
+class BatchLineValidator(LineValidator):
+    """The Batch API's input lines, as an upload arrives: ``{"custom_id", "method": "POST",
+    "url", "body": {...}}``, one ``url`` per file, each ``custom_id`` once. Only the envelope
+    is checked here; each ``body`` is validated as the online route validates it when the
+    batch runs, and a bad one fails alone, in the batch's error file. The summary's
+    ``format`` is the file's ``url``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ids: set[str] = set()  # bounded by the upload size limit, as the file is
+
+    def _check(self, n: int, raw: bytes) -> None:
+        ok, row = self._parse(n, raw)
+        if not ok:
+            return
+        why = _batch_envelope(row, self._ids)
+        if why:
+            self._error(n, why)
+            return
+        self._ids.add(row["custom_id"])
+        if self._fmt is None:
+            self._fmt, self._first_line = row["url"], n
+        elif row["url"] != self._fmt:
+            self._error(n, f"url {row['url']!r}, but line {self._first_line} is {self._fmt!r}: "
+                        "a batch file holds requests to one endpoint")
+
+    def close(self) -> FileSummary:
+        if self._line or self._skipping:
+            self._end_line()
+        if not self._errors and self._fmt is None:
+            raise DataFormatError("the file has no requests")
+        return super().close()
+
+
+def _batch_envelope(row: Any, seen: set[str]) -> str | None:
+    """What is wrong with one batch line's envelope, or None."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    extra = set(row) - {"custom_id", "method", "url", "body"}
+    if extra:
+        return f"unexpected field(s) {sorted(extra)}: a line is custom_id, method, url and body"
+    custom_id = row.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID_CHARS:
+        return f"'custom_id' must be a non-empty string of at most {MAX_CUSTOM_ID_CHARS} characters"
+    if custom_id in seen:
+        return f"custom_id {custom_id!r} appears twice: each request needs its own"
+    if row.get("method") != "POST":
+        return f"'method' must be \"POST\" (got {row.get('method')!r})"
+    if row.get("url") not in BATCH_ENDPOINTS:
+        return f"'url' must be one of {list(BATCH_ENDPOINTS)} (got {row.get('url')!r})"
+    if not isinstance(row.get("body"), dict):
+        return "'body' must be a JSON object: the request as it would be sent to the url"
+    return None
 
 
 def validate_lines(lines: Iterable[bytes | str]) -> FileSummary:

@@ -174,7 +174,8 @@ class RayJobs:
             url = raw.decode()
         return url if "://" in url else f"http://{url}"
 
-    def submit(self, job_id: str, root: str) -> str:
+    def submit(self, job_id: str, root: str, module: str = "maas_ray.finetune.runner") -> str:
+        """Run ``python -m {module} {job_id}`` as a Ray job (batches run their own runner)."""
         # Credentials never go into the job's environment, which the dashboard shows:
         # job_env passes them through the GCS (see maas_ray.job_secrets).
         env = {"MAAS_HOME": root, **job_secrets.job_env()}
@@ -184,7 +185,7 @@ class RayJobs:
             # Ray hands the driver a RAY_ADDRESS it finds through files and process lists
             # shared by every Ray on the machine, which can name another cluster; say ours.
             env[GCS_ENV] = ray.get_runtime_context().gcs_address
-        entrypoint = f"{shlex.quote(sys.executable)} -m maas_ray.finetune.runner {job_id}"
+        entrypoint = f"{shlex.quote(sys.executable)} -m {module} {job_id}"
         client = self.client()
         deadline = time.monotonic() + SUBMIT_PATIENCE_S
         while True:

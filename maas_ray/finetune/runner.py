@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -277,8 +278,11 @@ def _record_checkpoints(root: str, job_id: str, checkpoints: list[dict[str, Any]
             (Path(ckpt["uri"]) / OPTIMIZER).unlink(missing_ok=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, run: Callable[[str, str | None], int] | None = None,
+         description: str | None = None) -> int:
+    """A Ray job's entry point; ``run(job_id, storage)`` runs it (default :func:`run_job`;
+    a batch's runner passes its own)."""
+    parser = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     parser.add_argument("job_id")
     parser.add_argument("--storage", default=None, help="storage root (default $MAAS_HOME)")
     args = parser.parse_args(argv)
@@ -286,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get(GCS_ENV):  # the submitter's own cluster beats what Ray guessed
         os.environ["RAY_ADDRESS"] = os.environ[GCS_ENV]
     try:
-        return run_job(args.job_id, args.storage)
+        return (run or run_job)(args.job_id, args.storage)
     finally:
         job_secrets.drop()
 

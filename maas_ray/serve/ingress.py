@@ -18,7 +18,7 @@ from maas_ray.serve.hosts import HostAllowList
 from maas_ray.serve.limits import BodySizeLimit, JsonDepthLimit, is_upload
 from maas_ray.serve.metrics import MeteredContext, RequestMetrics
 from maas_ray.serve.openai import router as openai_router
-from maas_ray.serve.routes import admin, cards, console, files, fine_tuning, health, oip, tabular
+from maas_ray.serve.routes import admin, batches, cards, console, files, fine_tuning, health, oip, tabular
 from maas_ray.serve.settings import AppArgs
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def make_fastapi_app() -> FastAPI:
     app.add_middleware(HostAllowList, allowed=allowed_hosts)
     # Outermost, so it also counts what inner middleware refuses (413).
     app.add_middleware(RequestMetrics, paths=lambda: list(app.openapi()["paths"]))
-    for module in (health, tabular, cards, openai_router, files, fine_tuning, admin, oip, console):
+    for module in (health, tabular, cards, openai_router, files, fine_tuning, batches, admin, oip, console):
         app.include_router(module.router)
     return app
 

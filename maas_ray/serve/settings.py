@@ -71,6 +71,21 @@ class EmbeddingArgs(BaseModel):
     batch_wait_timeout_s: float = Field(default=0.01, ge=0.0, description="How long a batch waits to fill.")
 
 
+class BatchArgs(BaseModel):
+    """How ``/v1/batches`` run: Ray Data actors of their own, beside the serving replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = Field(default=1, ge=1, description="Ray Data actors per batch, each with its own "
+                         "engine (copy of the model).")
+    num_cpus: float = Field(default=0.5, gt=0, description="CPUs each actor reserves.")
+    num_gpus: float = Field(default=0, ge=0, description="GPUs each actor reserves.")
+    max_batch_size: int = Field(default=32, ge=1, description="Sequences an actor's engine decodes "
+                                "together (larger than online: no one waits on a batch's latency).")
+    rows_per_call: int = Field(default=64, ge=1, description="Requests handed to an actor at a time "
+                               "(Ray Data's batch_size); a cancel is seen within about a second.")
+
+
 class AppArgs(BaseModel):
     """Arguments of the one maas Serve application."""
 
@@ -119,6 +134,7 @@ class AppArgs(BaseModel):
     predictor: PredictorArgs = Field(default_factory=PredictorArgs, description="Tabular predictor.")
     llm: LLMArgs = Field(default_factory=LLMArgs, description="Chat/completion models.")
     embeddings: EmbeddingArgs = Field(default_factory=EmbeddingArgs, description="Embedding models.")
+    batches: BatchArgs = Field(default_factory=BatchArgs, description="The Batch API (/v1/batches).")
 
     deployments: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
