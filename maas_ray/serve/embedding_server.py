@@ -1,7 +1,8 @@
-"""Embedding deployment: registry embedding models on demand, ``@serve.batch``.
+"""Embedding deployment: registry embedding models on demand, continuously batched.
 
 Concurrent requests (any mix of models) are merged into one forward pass per
-model; pooling and normalisation match sentence-transformers.
+model (:class:`~maas_ray.serve.batcher.ContinuousBatcher`); pooling and
+normalisation match sentence-transformers.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import asyncio
 import os
 from typing import Any
 
+import numpy as np
 from ray import serve
 
 from maas_ray.registry import Registry
+from maas_ray.serve.batcher import ContinuousBatcher
 from maas_ray.serve.loading import load_version
 from maas_ray.serve.metrics import observe_batch, track_ongoing
 
@@ -24,8 +27,8 @@ class EmbeddingServer:
     def __init__(self, storage_root: str, max_batch_size: int = 32,
                  batch_wait_timeout_s: float = 0.01) -> None:
         self.registry = Registry(storage_root)
-        self.embed_batch.set_max_batch_size(max_batch_size)
-        self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batcher: ContinuousBatcher[tuple[str, list[str], int | None], dict[str, Any]] = \
+            ContinuousBatcher(self.embed_batch, max_batch_size, batch_wait_timeout_s)
 
     @serve.multiplexed(max_num_models_per_replica=MAX_EMBEDDERS_PER_REPLICA)
     async def get_model(self, model_id: str) -> Any:
@@ -60,30 +63,35 @@ class EmbeddingServer:
             tokens = await asyncio.to_thread(count_tokens, model, texts)
             if tokens > tokens_left:
                 return over_budget(tokens, tokens_left)
-        return await self.embed_batch(model_id, texts, dimensions)
+        return await self.batcher.submit((model_id, texts, dimensions))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def embed_batch(self, model_ids: list[str], texts: list[list[str]],
-                          dimensions: list[int | None]) -> list[dict[str, Any]]:
-        out: list[dict[str, Any] | None] = [None] * len(texts)
-        for model_id in dict.fromkeys(model_ids):
-            idx = [i for i, m in enumerate(model_ids) if m == model_id]
-            observe_batch("embedder", model_id, len(idx))
-            model = await self.get_model(model_id)
-            flat = [t for i in idx for t in texts[i]]
-            vectors, tokens = await asyncio.to_thread(model.embed, flat, None)  # (N, D), [N]
+    async def embed_batch(self, items: list[tuple[str, list[str], int | None]]
+                          ) -> list[dict[str, Any] | Exception]:
+        """One forward pass per model over all its requests' texts; a model that fails to
+        load or run fails only its own requests."""
+        out: list[dict[str, Any] | Exception] = [RuntimeError("not answered")] * len(items)
+        for model_id in dict.fromkeys(m for m, _, _ in items):
+            idx = [i for i, (m, _, _) in enumerate(items) if m == model_id]
+            try:
+                model = await self.get_model(model_id)
+                observe_batch("embedder", model_id, len(idx))
+                flat = [t for i in idx for t in items[i][1]]
+                # In a thread: torch releases the GIL, so the event loop keeps taking requests.
+                vectors, tokens = await asyncio.to_thread(model.embed, flat, None)  # (N, D), [N]
+            except Exception as err:
+                for i in idx:
+                    out[i] = err
+                continue
             start = 0
             for i in idx:
-                n = len(texts[i])
+                n, dims = len(items[i][1]), items[i][2]
                 vecs = vectors[start:start + n]
-                if dimensions[i]:  # Matryoshka-style truncation, renormalised
-                    import numpy as np
-
-                    vecs = vecs[:, : dimensions[i]]
+                if dims:  # Matryoshka-style truncation, renormalised
+                    vecs = vecs[:, :dims]
                     vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True).clip(min=1e-12)
                 out[i] = {"embeddings": vecs, "prompt_tokens": int(sum(tokens[start:start + n]))}
                 start += n
-        return out  # type: ignore[return-value]
+        return out
 
 
 def count_tokens(model: Any, texts: list[str]) -> int:

@@ -1,9 +1,9 @@
 """The tabular predictor deployment: registry versions loaded on demand, batched.
 
 ``@serve.multiplexed`` keeps up to ``MAX_MODELS_PER_REPLICA`` models per replica
-(LRU) and routes a model's requests to replicas that already hold it;
-``@serve.batch`` merges concurrent requests (any mix of models) into one forward
-pass per model.
+(LRU) and routes a model's requests to replicas that already hold it; a
+:class:`~maas_ray.serve.batcher.ContinuousBatcher` merges concurrent requests
+(any mix of models and versions) into one forward pass per model.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from ray import serve
 
 from maas_ray.models.tabular import TabularModel
 from maas_ray.registry import Registry
+from maas_ray.serve.batcher import ContinuousBatcher
 from maas_ray.serve.loading import load_version
 from maas_ray.serve.metrics import observe_batch, track_ongoing
 
 MAX_MODELS_PER_REPLICA = int(os.environ.get("MAAS_MAX_MODELS_PER_REPLICA", "16"))
+Answer = dict[str, Any] | Exception  # one request's predictions, or what failed it
 
 
 @serve.deployment(
@@ -33,8 +35,8 @@ class Predictor:
     def __init__(self, storage_root: str, max_batch_size: int = 64,
                  batch_wait_timeout_s: float = 0.005) -> None:
         self.registry = Registry(storage_root)
-        self.predict_batch.set_max_batch_size(max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batcher: ContinuousBatcher[tuple[str, np.ndarray], dict[str, Any]] = ContinuousBatcher(
+            self.predict_batch, max_batch_size, batch_wait_timeout_s)
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_model(self, model_id: str) -> TabularModel:
@@ -43,29 +45,49 @@ class Predictor:
     @track_ongoing("predictor")
     async def predict(self, model_id: str, rows: np.ndarray) -> dict[str, Any]:
         """Raw rows ``(B, F)`` of one model → predictions (and class probabilities)."""
-        return await self.predict_batch(model_id, rows)
+        return await self.batcher.submit((model_id, rows))
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def predict_batch(self, model_ids: list[str], rows: list[np.ndarray]) -> list[dict[str, Any]]:
-        out: list[dict[str, Any] | None] = [None] * len(rows)
-        for model_id in dict.fromkeys(model_ids):
-            idx = [i for i, m in enumerate(model_ids) if m == model_id]
-            observe_batch("predictor", model_id, len(idx))
-            model = await self.get_model(model_id)
-            stacked = np.concatenate([rows[i] for i in idx], axis=0)
-            # torch releases the GIL: keep the event loop free to gather the next batch.
-            raw = await asyncio.to_thread(model.forward_raw, stacked)
-            preds = model.preprocessor.inverse_y(raw)
-            probs = None
-            if model.preprocessor.task == "classification":
-                e = np.exp(raw - raw.max(axis=-1, keepdims=True))
-                probs = e / e.sum(axis=-1, keepdims=True)
-            start = 0
-            for i in idx:
-                n = len(rows[i])
-                item: dict[str, Any] = {"predictions": preds[start:start + n]}
-                if probs is not None:
-                    item["probabilities"] = probs[start:start + n]
-                out[i] = item
-                start += n
-        return out  # type: ignore[return-value]
+    async def predict_batch(self, items: list[tuple[str, np.ndarray]]) -> list[Answer]:
+        """One forward pass per model over all its requests' rows; a model that fails to
+        load or run, or rows it cannot take, fail only their own requests."""
+        out: list[Answer] = [RuntimeError("not answered")] * len(items)
+        for model_id in dict.fromkeys(m for m, _ in items):
+            idx = [i for i, (m, _) in enumerate(items) if m == model_id]
+            try:  # e.g. a version removed from the registry meanwhile
+                answers = await self._forward(model_id, [items[i][1] for i in idx])
+            except Exception as err:
+                answers = [err] * len(idx)
+            for i, answer in zip(idx, answers):
+                out[i] = answer
+        return out
+
+    async def _forward(self, model_id: str, requests: list[np.ndarray]) -> list[Answer]:
+        model = await self.get_model(model_id)
+        answers: list[Answer] = [RuntimeError("not answered")] * len(requests)
+        fit = []
+        for j, rows in enumerate(requests):  # the ingress checks shapes; a direct caller may not
+            if rows.ndim == 2 and rows.shape[1] == model.n_features:
+                fit.append(j)
+            else:
+                answers[j] = ValueError(f"model {model_id!r} expects rows of {model.n_features} "
+                                        f"features, got shape {tuple(rows.shape)}")
+        if not fit:
+            return answers
+        observe_batch("predictor", model_id, len(fit))
+        # In a thread: torch releases the GIL, so the event loop keeps taking requests.
+        raw = await asyncio.to_thread(model.forward_raw,
+                                      np.concatenate([requests[j] for j in fit], axis=0))  # (N, out)
+        preds = model.preprocessor.inverse_y(raw)
+        probs = None
+        if model.preprocessor.task == "classification":
+            e = np.exp(raw - raw.max(axis=-1, keepdims=True))
+            probs = e / e.sum(axis=-1, keepdims=True)
+        start = 0
+        for j in fit:
+            n = len(requests[j])
+            item: dict[str, Any] = {"predictions": preds[start:start + n]}
+            if probs is not None:
+                item["probabilities"] = probs[start:start + n]
+            answers[j] = item
+            start += n
+        return answers

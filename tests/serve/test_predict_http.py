@@ -116,31 +116,83 @@ def test_bad_input_gets_clear_4xx_and_replica_keeps_serving(
     assert ok.status_code == 200
 
 
-def test_new_version_is_served_without_redeploy(client: httpx.Client, regression_model, maas_home: str, tmp_path) -> None:
-    """A version published while the app runs answers the very next request. (Published
-    directly, with shifted weights: training and publishing are tested elsewhere.)"""
+def _publish_shifted(maas_home: str, model_id: str, folder, shift: float) -> str:
+    """Publish a copy of ``model_id`` with every weight shifted by ``shift``: a version
+    that answers differently. (Published directly: training is tested elsewhere.)"""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
+    registry = Registry(maas_home)
+    current = registry.get(model_id)
+    shutil.copytree(registry.local_dir(current), folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v + shift if v.is_floating_point() else v for k, v in weights.items()},
+              folder / "model.safetensors")
+    card = {k: v for k, v in current.card.items() if k not in ("files", "name", "created_at", "version")}
+    return registry.publish(current.name, folder, card).id
+
+
+def test_new_version_is_served_without_redeploy(client: httpx.Client, regression_model, maas_home: str, tmp_path) -> None:
+    """A version published while the app runs answers the very next request."""
     first = client.post("/v1/models/diabetes-linear/predict", json={"inputs": ROWS.tolist()}).json()
     before = first["model"]
-    registry = Registry(maas_home)
-    current = registry.get(before)
-    work = tmp_path / "next"
-    shutil.copytree(registry.local_dir(current), work)
-    weights = load_file(work / "model.safetensors")
-    save_file({k: v + 0.5 if v.is_floating_point() else v for k, v in weights.items()}, work / "model.safetensors")
-    card = {k: v for k, v in current.card.items() if k not in ("files", "name", "created_at", "version")}
-    new = registry.publish("diabetes-linear", work, card)
-    assert new.id != before
+    new = _publish_shifted(maas_home, before, tmp_path / "next", 0.5)
+    assert new != before
     r = client.post("/v1/models/diabetes-linear/predict", json={"inputs": ROWS.tolist()})
     assert r.status_code == 200
-    assert r.json()["model"] == new.id
-    np.testing.assert_allclose(r.json()["predictions"], _in_process(maas_home, new.id), atol=1e-5)
+    assert r.json()["model"] == new
+    np.testing.assert_allclose(r.json()["predictions"], _in_process(maas_home, new), atol=1e-5)
     assert not np.allclose(r.json()["predictions"], first["predictions"])
     listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
-    assert listed["diabetes-linear"]["version"] == new.version
+    assert listed["diabetes-linear"]["version"] == int(new.rsplit(":", 1)[1])
+
+
+def test_a_batch_mixing_versions_and_bad_rows_answers_each_request_on_its_own(
+    client: httpx.Client, regression_model, maas_home: str, tmp_path
+) -> None:
+    """Concurrent one-row requests for two versions of one model share the predictor's
+    batches; each must get its own version's in-process answer, and the bad rows among
+    them (NaN, wrong width) their own 400 without failing the rest. Float64 inference
+    makes a row's answer independent of what it is batched with (see TabularModel)."""
+    import concurrent.futures as cf
+
+    v1 = regression_model[0].version.id
+    v2 = _publish_shifted(maas_home, v1, tmp_path / "v2", -0.25)
+    expected = {v1: _in_process(maas_home, v1), v2: _in_process(maas_home, v2)}
+    bad = {7: [float("nan")] + ROWS[7].tolist()[1:], 13: ROWS[13].tolist()[:4]}
+
+    def one(i: int) -> tuple[int, str, httpx.Response]:
+        mid = (v1, v2)[i % 2]
+        body = json.dumps({"inputs": [bad.get(i, ROWS[i].tolist())]})  # NaN as JSON's NaN
+        return i, mid, client.post(f"/v1/models/{mid}/predict", content=body,
+                                   headers={"content-type": "application/json"})
+
+    with cf.ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(one, range(len(ROWS))))
+    for i, mid, r in answers:
+        if i in bad:
+            assert r.status_code == 400, r.text
+            continue
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == mid
+        np.testing.assert_allclose(r.json()["predictions"][0], expected[mid][i], rtol=0, atol=1e-5)
+    assert not np.allclose(expected[v1], expected[v2])
+
+
+def test_the_predictor_fails_only_the_request_it_cannot_run(regression_model, maas_home: str) -> None:
+    """Called directly (no ingress checks), a request of the wrong width shares a batch with
+    good ones: it alone gets an error, naming the width, and the others their answers."""
+    from ray import serve
+
+    mid = regression_model[0].version.id
+    handle = serve.get_deployment_handle("Predictor", app_name="maas").options(multiplexed_model_id=mid)
+    calls = [handle.predict.remote(mid, ROWS[i:i + 1]) for i in range(8)]
+    calls.insert(3, handle.predict.remote(mid, ROWS[:2, :4]))
+    with pytest.raises(Exception, match="expects rows of 10 features"):
+        calls.pop(3).result(timeout_s=60)
+    got = [call.result(timeout_s=60)["predictions"][0] for call in calls]
+    np.testing.assert_allclose(got, _in_process(maas_home, mid)[:8], rtol=0, atol=1e-5)
 
 
 def test_cors_is_off_by_default(client: httpx.Client) -> None:
