@@ -170,7 +170,8 @@ def run_finetune_spec(spec: FineTuneSpec, storage: str | None, address: str | No
         except JobRejected as err:
             err_console.print(f"[bold red]error:[/] {err}", highlight=False)
             raise typer.Exit(2) from None
-        console.print(f"fine-tuning job {job['id']} ({spec.base_model}, {spec.method})")
+        how = f"{spec.method}, DPO beta {spec.dpo.beta}" if spec.dpo else spec.method
+        console.print(f"fine-tuning job {job['id']} ({spec.base_model}, {how})")
         if detach:
             console.print(f"submitted as a Ray job; follow it with: maas jobs logs {job['id']}")
             return

@@ -41,6 +41,15 @@ class LoraSpec(_Spec):
         description="Module names that get adapters.")
 
 
+class DpoSpec(_Spec):
+    """Preference fine-tuning (Direct Preference Optimization, Rafailov et al. 2023): the model
+    learns to rank each pair's preferred answer above the other, measured against the frozen
+    base (the reference model)."""
+
+    beta: float = Field(default=0.1, gt=0, le=10, description="How far the model may move from the "
+                        "reference: higher keeps it closer (OpenAI's dpo.hyperparameters.beta).")
+
+
 BASE_LEARNING_RATES = {"full": 1e-5, "lora": 2e-4, "classifier": 5e-5}
 
 
@@ -57,6 +66,9 @@ class FineTuneSpec(_Spec):
                                "ft:{base}:{suffix}:{job_id} (letters, digits, . _ -).")
     method: Literal["full", "lora"] = Field(default="full", description="'full' trains every "
                                             "weight; 'lora' trains low-rank adapters only.")
+    dpo: DpoSpec | None = Field(default=None, description="Train on preference pairs by DPO "
+                                "instead of on target tokens (chat models; the training file "
+                                "holds input / preferred_output / non_preferred_output).")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters,
                                              description="Epochs, batch size, learning rate.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter shape (method: lora).")

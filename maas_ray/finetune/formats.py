@@ -1,11 +1,13 @@
 """Fine-tuning data formats and their validation, with line numbers.
 
-Three JSONL shapes, one per line, the same shape on every line of a file:
+Four JSONL shapes, one per line, the same shape on every line of a file:
 
 * ``chat``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``
   (OpenAI's chat fine-tuning format; loss on assistant turns only);
 * ``completion``: ``{"prompt": "...", "completion": "..."}`` (loss on the completion);
-* ``classification``: ``{"text": "...", "label": "..." | int}``.
+* ``classification``: ``{"text": "...", "label": "..." | int}``;
+* ``preference``: ``{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant",
+  ...}], "non_preferred_output": [...]}`` (OpenAI's DPO format; trains with ``method: dpo``).
 
 :func:`validate_lines` checks the shape (what an upload needs);
 :func:`check_for_task` then checks that a validated file suits a base model's
@@ -24,11 +26,12 @@ from typing import Any, Literal
 
 from maas_ray.json_depth import json_too_deep
 
-DataFormat = Literal["chat", "completion", "classification"]
+DataFormat = Literal["chat", "completion", "classification", "preference"]
+FORMATS = ("chat", "completion", "classification", "preference")
 ROLES = ("system", "user", "assistant")
 MAX_ERRORS = 5
 # One example per line: the longest a line may be, and how deep its JSON may nest. The
-# formats above nest 4 deep; a 32,768-token example is ~130 KB of text.
+# formats above nest 5 deep; a 32,768-token example is ~130 KB of text.
 MAX_LINE_BYTES = 1 << 20
 MAX_DEPTH = 16
 
@@ -49,22 +52,12 @@ def _shape(row: Any) -> DataFormat | str:
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
     if "messages" in row:
-        msgs = row["messages"]
         extra = set(row) - {"messages"}
         if extra:
             return f"unexpected field(s) {sorted(extra)} next to 'messages'"
-        if not isinstance(msgs, list) or not msgs:
-            return "'messages' must be a non-empty list"
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict):
-                return f"messages[{i}] must be an object"
-            if m.get("role") not in ROLES:
-                return f"messages[{i}].role must be one of {list(ROLES)} (got {m.get('role')!r})"
-            if not isinstance(m.get("content"), str):
-                return f"messages[{i}].content must be a string"
-            if set(m) - {"role", "content", "name", "weight"}:
-                return f"messages[{i}] has unexpected field(s) {sorted(set(m) - {'role', 'content'})}"
-        return "chat"
+        return _messages_error(row["messages"], "messages", ROLES) or "chat"
+    if {"input", "preferred_output", "non_preferred_output"} & set(row):
+        return _preference_error(row) or "preference"
     if "prompt" in row or "completion" in row:
         if set(row) != {"prompt", "completion"}:
             return "a completion example needs exactly 'prompt' and 'completion'"
@@ -82,7 +75,46 @@ def _shape(row: Any) -> DataFormat | str:
             return "'label' must be a string or an integer"
         return "classification"
     return ("unrecognised example: expected 'messages' (chat), 'prompt'+'completion', "
-            "or 'text'+'label'")
+            "'text'+'label', or 'input'+'preferred_output'+'non_preferred_output' (preference)")
+
+
+def _messages_error(msgs: Any, where: str, roles: tuple[str, ...]) -> str | None:
+    """What is wrong with a list of chat messages, or None."""
+    if not isinstance(msgs, list) or not msgs:
+        return f"'{where}' must be a non-empty list"
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            return f"{where}[{i}] must be an object"
+        if m.get("role") not in roles:
+            return f"{where}[{i}].role must be one of {list(roles)} (got {m.get('role')!r})"
+        if not isinstance(m.get("content"), str):
+            return f"{where}[{i}].content must be a string"
+        extra = set(m) - {"role", "content", "name", "weight"}
+        if extra:
+            return f"{where}[{i}] has unexpected field(s) {sorted(extra)}"
+    return None
+
+
+def _preference_error(row: dict[str, Any]) -> str | None:
+    """OpenAI's preference example: a prompt (``input.messages``) and two assistant answers."""
+    fields = ("input", "preferred_output", "non_preferred_output")
+    missing = [f for f in fields if f not in row]
+    if missing:
+        return f"a preference example needs {', '.join(repr(f) for f in missing)}"
+    if set(row) - set(fields):
+        return f"unexpected field(s) {sorted(set(row) - set(fields))} in a preference example"
+    prompt = row["input"]
+    if not isinstance(prompt, dict) or "messages" not in prompt:
+        return "'input' must be an object with 'messages'"
+    if set(prompt) != {"messages"}:  # tools are not trained on: refuse rather than ignore them
+        return f"'input' has unexpected field(s) {sorted(set(prompt) - {'messages'})}"
+    for where, msgs, roles in (("input.messages", prompt["messages"], ROLES),
+                               ("preferred_output", row["preferred_output"], ("assistant",)),
+                               ("non_preferred_output", row["non_preferred_output"], ("assistant",))):
+        error = _messages_error(msgs, where, roles)
+        if error:
+            return error
+    return None
 
 
 class LineValidator:
@@ -163,7 +195,7 @@ class LineValidator:
         if not ok:
             return
         shape = _shape(row)
-        if shape not in ("chat", "completion", "classification"):
+        if shape not in FORMATS:
             self._error(n, shape)
         elif self._fmt is None:
             self._fmt, self._first_line = shape, n
@@ -256,11 +288,21 @@ TASK_FORMATS: dict[str, tuple[str, ...]] = {
 }
 
 
-def check_for_task(summary: FileSummary, task: str, what: str = "training file") -> None:
-    """Raise :class:`DataFormatError` if a file's format cannot train a ``task`` model."""
+def check_for_task(summary: FileSummary, task: str, what: str = "training file",
+                   preference: bool = False) -> None:
+    """Raise :class:`DataFormatError` if a file's format cannot train a ``task`` model
+    (``preference``: by DPO, which needs preference pairs and a chat model)."""
     allowed = TASK_FORMATS.get(task)
     if allowed is None:
         raise DataFormatError(f"models of task {task!r} cannot be fine-tuned")
+    if preference:
+        if task != "chat":
+            raise DataFormatError(f"DPO trains chat models, not {task} models")
+        if summary.format != "preference":
+            raise DataFormatError(f"{what} is in {summary.format} format, but a DPO job needs "
+                                  "preference examples (input, preferred_output, non_preferred_output)")
+        return
     if summary.format not in allowed:
+        hint = " (preference examples train with method dpo)" if summary.format == "preference" else ""
         raise DataFormatError(f"{what} is in {summary.format} format, but a {task} base model "
-                              f"needs {' or '.join(allowed)} examples")
+                              f"needs {' or '.join(allowed)} examples{hint}")

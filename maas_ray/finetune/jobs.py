@@ -68,10 +68,23 @@ def fine_tuned_name(base: str, suffix: str | None, job_id: str) -> str:
     return f"ft:{base_name}:{suffix or 'custom'}:{job_id}"
 
 
+def method_to_openai(spec: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's ``method`` of a stored spec: ``supervised`` (full), ``lora`` (ours), or
+    ``dpo`` (with ``lora`` options inside when it trained adapters)."""
+    hp = spec.get("hyperparameters", {})
+    lora = spec.get("method", "full") == "lora"
+    if spec.get("dpo"):
+        options: dict[str, Any] = {"hyperparameters": {**hp, **spec["dpo"]}}
+        if lora:
+            options["lora"] = spec.get("lora", {})
+        return {"type": "dpo", "dpo": options}
+    kind = "lora" if lora else "supervised"
+    return {"type": kind, kind: {"hyperparameters": hp}}
+
+
 def job_to_openai(row: db.JobRow) -> dict[str, Any]:
     spec = row.spec
     hp = spec.get("hyperparameters", {})
-    method = spec.get("method", "full")
     return {
         "id": row.id,
         "object": "fine_tuning.job",
@@ -83,8 +96,7 @@ def job_to_openai(row: db.JobRow) -> dict[str, Any]:
         "status": row.status,
         "error": row.error,
         "hyperparameters": hp,
-        "method": {"type": "supervised" if method == "full" else "lora",
-                   ("supervised" if method == "full" else "lora"): {"hyperparameters": hp}},
+        "method": method_to_openai(spec),
         "training_file": row.training_file,
         "validation_file": row.validation_file,
         "result_files": [],
@@ -251,7 +263,7 @@ class JobService:
             if f.data_format:  # validated at upload: its format must suit the model now
                 try:
                     check_for_task(FileSummary(f.data_format, f.rows or 0), base.task,  # type: ignore[arg-type]
-                                   param.replace("_", " "))
+                                   param.replace("_", " "), spec.dpo is not None)
                 except DataFormatError as err:
                     raise JobRejected(str(err), param) from None
         job_id = new_job_id()

@@ -39,7 +39,7 @@ def _event(root: str, job_id: str, message: str, type: str = "message",
 
 
 def _validate_file(files: FileStore, tenant: str, file_id: str, param: str, task: str,
-                   tokenizer: Any, max_len: int) -> list[str]:
+                   tokenizer: Any, max_len: int, preference: bool) -> list[str]:
     """Shape, task fit and per-example checks; returns the labels of a classification file."""
     import json
 
@@ -48,7 +48,7 @@ def _validate_file(files: FileStore, tenant: str, file_id: str, param: str, task
     what = f"{param.replace('_', ' ')} {file_id}"
     try:
         summary = validate_lines(files.lines(file_id, tenant))
-        check_for_task(summary, task, what)
+        check_for_task(summary, task, what, preference)
     except UnicodeDecodeError as err:
         raise DataFormatError(f"{what}: not UTF-8 text ({err.reason})") from None
     except DataFormatError as err:
@@ -96,11 +96,12 @@ def run_job(job_id: str, root: str | None = None, progress: Any = None) -> int:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
+        dpo = spec.dpo is not None
         labels = _validate_file(service.files, tenant, spec.training_file, "training_file",
-                                base.task, tokenizer, spec.max_seq_length)
+                                base.task, tokenizer, spec.max_seq_length, dpo)
         if spec.validation_file:
             _validate_file(service.files, tenant, spec.validation_file, "validation_file",
-                           base.task, tokenizer, spec.max_seq_length)
+                           base.task, tokenizer, spec.max_seq_length, dpo)
     except ModelNotFound as err:
         set_status(root, job_id, "failed", f"Job failed: base model: {err}",
                    error={"code": "model_not_found", "message": str(err), "param": "model"})
@@ -237,6 +238,8 @@ def _publish(registry: Registry, name: str, result: Any, spec: FineTuneSpec, bas
     }
     if lora:
         card["lora"] = spec.lora.model_dump()
+    if spec.dpo:
+        card["dpo"] = spec.dpo.model_dump()
     if task == "text-classification":
         import json
 

@@ -43,8 +43,12 @@ class FineTuneResult:
     trained_tokens: int = 0
 
 
-def objective_for(base: ModelVersion) -> str:
-    return "lm" if base.task == "chat" else "classification"
+def objective_for(base: ModelVersion, spec: FineTuneSpec) -> str:
+    """What the loop optimises: ``dpo`` (preference pairs), ``lm`` (target tokens) or
+    ``classification``."""
+    if base.task != "chat":
+        return "classification"
+    return "dpo" if spec.dpo is not None else "lm"
 
 
 def read_lines(uri: str) -> Any:
@@ -86,19 +90,20 @@ def run_finetune(
 
     from maas_ray.train.finetune_loop import SCAFFOLD, finetune_loop_per_worker
     from maas_ray.train.progress import fit_with_progress, start_progress_log
-    from maas_ray.train.text_data import TokenizeClassification, TokenizeLM
+    from maas_ray.train.text_data import TokenizeClassification, TokenizeLM, TokenizePreference
     from maas_ray.train.trainer import torch_trainer
 
     quiet_ray_data()
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     root = storage.storage_root(storage_root)
-    objective = objective_for(base)
+    objective = objective_for(base, spec)
     if objective == "classification" and not labels:
         raise ValueError("a classifier needs the training file's labels")
 
     def tokenized(uri: str) -> Any:
-        if objective == "lm":
-            udf, kwargs = TokenizeLM, {"model_dir": str(base_dir)}
+        if objective in ("lm", "dpo"):
+            udf = TokenizeLM if objective == "lm" else TokenizePreference
+            kwargs = {"model_dir": str(base_dir)}
         else:
             udf, kwargs = TokenizeClassification, {"model_dir": str(base_dir), "labels": labels,
                                                    "max_len": spec.max_seq_length}
@@ -124,6 +129,7 @@ def run_finetune(
         "method": spec.method,
         "lora": {**spec.lora.model_dump(), "target_modules": spec.lora.target_modules},
         "labels": labels or [],
+        "beta": spec.dpo.beta if spec.dpo else 0.0,
         "learning_rate": spec.learning_rate(base.task),
         "n_epochs": spec.hyperparameters.n_epochs,
         "batch_size": spec.hyperparameters.batch_size,

@@ -1,6 +1,7 @@
 """The fine-tuning loop each Ray Train worker runs (transformers + accelerate).
 
-Causal LMs (loss on target tokens only) and sequence classifiers share it.
+Causal LMs (loss on target tokens only, or DPO on preference pairs) and sequence
+classifiers share it.
 accelerate picks mixed precision (bf16 on GPUs that have it, fp32 on CPU),
 accumulates gradients and wraps the model for the process group Ray Train set
 up. Each epoch ends with a validation pass and a checkpoint: a complete
@@ -10,16 +11,20 @@ and history, which a restarted worker resumes from.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import ray.train
 import torch
 
+from maas_ray.train.preference import dpo_loss, reference_logps, sequence_logps
 from maas_ray.train.text_data import IGNORE, pad_batch
 
 STATE = "trainer_state.json"
@@ -33,7 +38,7 @@ def _load_model(cfg: dict[str, Any]) -> tuple[Any, Any]:
     kwargs = {"local_files_only": True, "trust_remote_code": False, "use_safetensors": True,
               "dtype": torch.float32}
     tokenizer = AutoTokenizer.from_pretrained(cfg["base_dir"], local_files_only=True)
-    if cfg["objective"] == "lm":
+    if cfg["objective"] in ("lm", "dpo"):
         model = AutoModelForCausalLM.from_pretrained(cfg["base_dir"], **kwargs)
     else:
         labels = cfg["labels"]
@@ -47,14 +52,30 @@ def _load_model(cfg: dict[str, Any]) -> tuple[Any, Any]:
 
         lora = cfg["lora"]
         model = get_peft_model(model, LoraConfig(
-            task_type="CAUSAL_LM" if cfg["objective"] == "lm" else "SEQ_CLS",
+            task_type="SEQ_CLS" if cfg["objective"] == "classification" else "CAUSAL_LM",
             r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
             target_modules=lora["target_modules"]))
     return model, tokenizer
 
 
-def _loss(model: Any, batch: dict[str, Any], objective: str) -> tuple[torch.Tensor, int, int]:
-    """(mean loss, items it averaged over, correct predictions)."""
+def _reference(model: Any, cfg: dict[str, Any]) -> Any | None:
+    """DPO's reference, the frozen base: a copy for a full fine-tune; None for LoRA, whose
+    model is its own base with the adapter switched off (peft's ``disable_adapter``)."""
+    if cfg["objective"] == "dpo" and cfg["method"] == "full":
+        return copy.deepcopy(model).requires_grad_(False).eval()
+    return None
+
+
+def _loss(model: Any, batch: dict[str, Any], objective: str,
+          reference: Callable[[dict[str, Any]], torch.Tensor] | None = None,
+          beta: float = 0.0) -> tuple[torch.Tensor, int, int]:
+    """(mean loss, items it averaged over, correct predictions); for DPO the items are pairs,
+    "correct" those the model ranks the right way round, and ``reference`` scores the base."""
+    if objective == "dpo":
+        assert reference is not None, "DPO needs the reference model's scores"
+        logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss, margins = dpo_loss(logps, reference(batch), beta)
+        return loss, len(margins), int((margins > 0).sum())
     if objective == "lm":
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     labels=batch["labels"])
@@ -89,6 +110,7 @@ def finetune_loop_per_worker(cfg: dict[str, Any]) -> None:
     accelerator = Accelerator(cpu=not use_gpu, mixed_precision="bf16" if bf16 else "no",
                               gradient_accumulation_steps=accum)
     model, tokenizer = _load_model(cfg)
+    frozen = _reference(model, cfg)  # before a checkpoint is restored: the base
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=0.0)
 
@@ -102,6 +124,11 @@ def finetune_loop_per_worker(cfg: dict[str, Any]) -> None:
         start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
 
     model, optimizer = accelerator.prepare(model, optimizer)
+    if frozen is not None:
+        frozen = frozen.to(accelerator.device)
+    reference = partial(reference_logps, accelerator.unwrap_model(model), frozen) \
+        if cfg["objective"] == "dpo" else None
+    score = partial(_loss, objective=cfg["objective"], reference=reference, beta=cfg.get("beta", 0.0))
     micro = max(1, cfg["batch_size"] // (world * accum))
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation") if cfg["has_validation"] else None
@@ -119,7 +146,7 @@ def finetune_loop_per_worker(cfg: dict[str, Any]) -> None:
         for batch in batches:
             tensors = {k: v.to(accelerator.device) for k, v in pad_batch(batch, tokenizer.pad_token_id).items()}
             with accelerator.accumulate(model):
-                loss, n, _ = _loss(model, tensors, cfg["objective"])
+                loss, n, _ = score(model, tensors)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
@@ -137,7 +164,8 @@ def finetune_loop_per_worker(cfg: dict[str, Any]) -> None:
                                    "trained_tokens": int(seen_tokens),
                                    "seconds": round(time.perf_counter() - started, 3)}
         if val_shard is not None:
-            metrics.update(_validate(model, val_shard, tokenizer, accelerator, cfg["objective"]))
+            metrics.update(_validate(model, val_shard, tokenizer, accelerator, score,
+                                     cfg["objective"] == "classification"))
         history.append(metrics)
         if rank == 0:
             progress.push.remote({**metrics, "epoch_end": True})
@@ -158,19 +186,20 @@ def finetune_loop_per_worker(cfg: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def _validate(model: Any, shard: Any, tokenizer: Any, accelerator: Any, objective: str) -> dict[str, float]:
+def _validate(model: Any, shard: Any, tokenizer: Any, accelerator: Any,
+              score: Callable[..., tuple[torch.Tensor, int, int]], accuracy: bool) -> dict[str, float]:
     model.eval()
     loss_sum, n_sum, correct = 0.0, 0, 0
     for batch in shard.iter_batches(batch_size=16, batch_format="numpy"):
         tensors = {k: v.to(accelerator.device) for k, v in pad_batch(batch, tokenizer.pad_token_id).items()}
-        loss, n, ok = _loss(model, tensors, objective)
+        loss, n, ok = score(model, tensors)
         loss_sum += float(loss) * n
         n_sum += n
         correct += ok
     loss_sum, n_sum, correct = _global_sum(loss_sum, n_sum, correct)
     model.train()
     out = {"valid_loss": loss_sum / max(n_sum, 1.0)}
-    if objective == "classification":
+    if accuracy:
         out["valid_accuracy"] = correct / max(n_sum, 1.0)
     return out
 

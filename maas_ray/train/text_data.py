@@ -1,4 +1,5 @@
-"""Fine-tuning examples → token ids, for causal LMs (chat, completion) and classifiers.
+"""Fine-tuning examples → token ids, for causal LMs (chat, completion, preference pairs)
+and classifiers.
 
 Chat examples use the base model's own chat template, rendered turn by turn:
 the tokens an assistant turn adds after ``add_generation_prompt`` are the
@@ -58,18 +59,36 @@ def encode_example(tokenizer: Any, row: dict[str, Any]) -> tuple[list[int], list
     return encode_completion(tokenizer, row["prompt"], row["completion"])
 
 
+def encode_answer(tokenizer: Any, prompt: list[dict[str, str]],
+                  answer: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """A prompt's messages + one answer: labels on the answer's tokens only (an assistant
+    turn inside the prompt is context, not a target)."""
+    ids, labels = encode_chat(tokenizer, prompt + answer)
+    start = len(_template(tokenizer, [{"role": m["role"], "content": m["content"]} for m in prompt],
+                          True))
+    return ids, [IGNORE] * start + labels[start:]
+
+
+def encode_preference(tokenizer: Any, row: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
+    """``[(ids, labels) preferred, (ids, labels) non-preferred]`` of one preference example."""
+    prompt = row["input"]["messages"]
+    return [encode_answer(tokenizer, prompt, row[key])
+            for key in ("preferred_output", "non_preferred_output")]
+
+
 def check_lm_example(tokenizer: Any, row: dict[str, Any], max_len: int) -> str | None:
     """Why an example cannot train (no target tokens, too long), or None."""
     if "messages" in row and not any(m.get("role") == "assistant" for m in row["messages"]):
         return "no assistant message to learn from"
     try:
-        ids, labels = encode_example(tokenizer, row)
+        encoded = encode_preference(tokenizer, row) if "input" in row else [encode_example(tokenizer, row)]
     except ValueError as err:
         return str(err)
-    if all(label == IGNORE for label in labels):
-        return "no target tokens to learn from"
-    if len(ids) > max_len:
-        return f"{len(ids)} tokens, longer than max_seq_length ({max_len})"
+    for ids, labels in encoded:
+        if all(label == IGNORE for label in labels):
+            return "no target tokens to learn from"
+        if len(ids) > max_len:
+            return f"{len(ids)} tokens, longer than max_seq_length ({max_len})"
     return None
 
 
@@ -90,6 +109,27 @@ class TokenizeLM:
             ids.append(np.asarray(i, dtype=np.int64))
             labels.append(np.asarray(lab, dtype=np.int64))
         return {"input_ids": _ragged(ids), "labels": _ragged(labels)}
+
+
+class TokenizePreference:
+    """Ray Data UDF: JSONL preference lines → the preferred answer as ``input_ids`` /
+    ``labels`` and the other as ``rejected_input_ids`` / ``rejected_labels``."""
+
+    def __init__(self, model_dir: str) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("input_ids", "labels", "rejected_input_ids",
+                                                              "rejected_labels")}
+        for line in batch["text"]:
+            if not str(line).strip():
+                continue
+            (ids, labels), (r_ids, r_labels) = encode_preference(self.tokenizer, json.loads(line))
+            for key, seq in zip(cols, (ids, labels, r_ids, r_labels)):
+                cols[key].append(np.asarray(seq, dtype=np.int64))
+        return {k: _ragged(v) for k, v in cols.items()}
 
 
 class TokenizeClassification:
@@ -118,9 +158,15 @@ def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def pad_batch(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, Any]:
-    """Pad a batch of ragged rows to its longest; returns torch tensors."""
+def pad_batch(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
+    """Pad a batch of ragged rows to its longest; returns torch tensors. Preference rows
+    become ``2B`` rows, the B preferred answers first, so one forward pass scores both."""
     import torch
+
+    if "rejected_input_ids" in batch:
+        # Lists, not np.concatenate: rows of equal length may come as a 2-D array.
+        batch = {"input_ids": [*batch["input_ids"], *batch["rejected_input_ids"]],
+                 "labels": [*batch["labels"], *batch["rejected_labels"]]}
 
     seqs = list(batch["input_ids"])
     width = max(len(s) for s in seqs)

@@ -1,10 +1,11 @@
 """``/v1/fine_tuning/jobs``: OpenAI's fine-tuning API over Ray jobs.
 
 The body is OpenAI's; ``method`` takes ``{"type": "supervised"}`` (full
-fine-tuning, OpenAI's own) or ``{"type": "lora", "lora": {"r", "alpha",
-"dropout", "target_modules", "hyperparameters"}}`` (our extension). Both
-become one :class:`~maas_ray.config.finetune.FineTuneSpec`, the same spec
-``maas train`` runs.
+fine-tuning, OpenAI's own), ``{"type": "dpo", "dpo": {"hyperparameters": {"beta",
+...}}}`` (OpenAI's preference fine-tuning; our extension ``"lora": {...}`` inside
+``dpo`` trains adapters) or ``{"type": "lora", "lora": {"r", "alpha", "dropout",
+"target_modules", "hyperparameters"}}`` (our extension). All become one
+:class:`~maas_ray.config.finetune.FineTuneSpec`, the same spec ``maas train`` runs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from maas_ray.config.finetune import FineTuneSpec, Hyperparameters, LoraSpec
+from maas_ray.config.finetune import DpoSpec, FineTuneSpec, Hyperparameters, LoraSpec
 from maas_ray.config.load import format_validation_error
 from maas_ray.finetune.jobs import JobConflict, JobNotFound, JobRejected
 from maas_ray.serve.context import get_context, tenant_of
@@ -42,20 +43,35 @@ class HyperparametersIn(BaseModel):
     learning_rate_multiplier: like(Hyperparameters, "learning_rate_multiplier") | Auto | None = None
 
 
-class MethodOptions(BaseModel):
+class LoraOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    hyperparameters: HyperparametersIn | None = None
     r: like(LoraSpec, "r") | None = None
     alpha: like(LoraSpec, "alpha") | None = None
     dropout: like(LoraSpec, "dropout") | None = None
     target_modules: list[str] | None = Field(default=None, max_length=64)
 
 
+class MethodOptions(LoraOptions):
+    hyperparameters: HyperparametersIn | None = None
+
+
+class DpoHyperparametersIn(HyperparametersIn):
+    beta: like(DpoSpec, "beta") | Auto | None = None
+
+
+class DpoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparametersIn | None = None
+    lora: LoraOptions | None = Field(default=None, description="maas extension: train LoRA "
+                                     "adapters (these options) instead of every weight.")
+
+
 class MethodIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised", "lora"] = "supervised"
+    type: Literal["supervised", "lora", "dpo"] = "supervised"
     supervised: MethodOptions | None = None
     lora: MethodOptions | None = None
+    dpo: DpoOptions | None = None
 
 
 class CreateJob(BaseModel):
@@ -75,18 +91,21 @@ class CreateJob(BaseModel):
 
 def to_spec(body: CreateJob) -> FineTuneSpec:
     method = body.method or MethodIn()
-    options = (method.lora if method.type == "lora" else method.supervised) or MethodOptions()
+    options = getattr(method, method.type) or (DpoOptions() if method.type == "dpo" else MethodOptions())
     hp: dict[str, Any] = {}
     for source in (body.hyperparameters, options.hyperparameters):  # method's win, as in OpenAI
         if source is not None:
             hp.update({k: v for k, v in source.model_dump().items() if v not in (None, "auto")})
+    lora = options if method.type == "lora" else getattr(options, "lora", None)
     raw: dict[str, Any] = {"base_model": body.model, "training_file": body.training_file,
                            "validation_file": body.validation_file, "suffix": body.suffix,
-                           "seed": body.seed, "hyperparameters": hp,
-                           "method": "lora" if method.type == "lora" else "full",
+                           "seed": body.seed, "method": "lora" if lora is not None else "full",
                            "export_gguf": body.export_gguf}
-    if method.type == "lora":
-        raw["lora"] = {k: v for k, v in options.model_dump(exclude={"hyperparameters"}).items()
+    if method.type == "dpo":
+        raw["dpo"] = {"beta": hp.pop("beta")} if "beta" in hp else {}
+    raw["hyperparameters"] = hp
+    if lora is not None:
+        raw["lora"] = {k: v for k, v in lora.model_dump(include=set(LoraOptions.model_fields)).items()
                        if v is not None}
     try:
         return FineTuneSpec.model_validate(raw)
