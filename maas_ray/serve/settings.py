@@ -26,7 +26,9 @@ class PredictorArgs(BaseModel):
         default=64, ge=1, description="Requests merged into one forward pass; 1 turns batching off."
     )
     batch_wait_timeout_s: float = Field(
-        default=0.005, ge=0.0, description="How long a batch waits to fill before it runs."
+        default=0.005, ge=0.0, description="How long a batch started from idle waits for more "
+        "requests. Under load it does not apply: each batch takes what queued during the last "
+        "forward pass (continuous batching)."
     )
 
 
@@ -68,7 +70,10 @@ class EmbeddingArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_batch_size: int = Field(default=32, ge=1, description="Requests merged into one forward pass.")
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0.0, description="How long a batch waits to fill.")
+    batch_wait_timeout_s: float = Field(
+        default=0.01, ge=0.0, description="How long a batch started from idle waits for more "
+        "requests; under load each batch takes what queued during the last forward pass."
+    )
 
 
 class BatchArgs(BaseModel):
