@@ -1,11 +1,12 @@
 """The running batch's KV cache: sequences of different lengths in one tensor per layer.
 
-Each sequence is prefilled alone (exactly what ``generate`` does for one
-prompt) and its cache rows are then left-padded into the batch's
-``DynamicCache``. A ``(B, T)`` attention mask marks padding, and position ids
-count only real tokens, so padding is invisible to the model: masked keys get
-exactly zero attention weight. Rows leave the batch the step they finish;
-columns that became padding in every remaining row are trimmed.
+Prompts that arrive together are prefilled in one forward, left-padded to the
+longest (:func:`left_pad`), and their cache rows join the batch's
+``DynamicCache`` left-padded again to its width. A ``(B, T)`` attention mask
+marks padding, and position ids count only real tokens, so a masked key gets
+exactly zero attention weight and a row's tokens see what they would alone.
+Rows leave the batch the step they finish; columns that became padding in
+every remaining row are trimmed.
 """
 
 from __future__ import annotations
@@ -34,17 +35,17 @@ class BatchCache:
     def __len__(self) -> int:
         return 0 if self.mask is None else int(self.mask.shape[0])
 
-    def add(self, cache: DynamicCache, length: int) -> None:
-        """Append one prefilled sequence (batch of one, ``length`` tokens) as the last row."""
-        new_mask = torch.ones((1, length), dtype=torch.long, device=_device(cache))
+    def add(self, cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Append prefilled sequences as the last rows: their cache and its ``(b, T)``
+        mask (1 = real token), left-padded as :func:`left_pad` made them."""
         if self.cache is None or self.mask is None:
-            self.cache, self.mask = cache, new_mask
+            self.cache, self.mask = cache, mask
             return
-        width = max(int(self.mask.shape[1]), length)
+        width = max(int(self.mask.shape[1]), int(mask.shape[1]))
         for mine, theirs in zip(self.cache.layers, cache.layers):
             mine.keys = torch.cat([_lpad(mine.keys, width), _lpad(theirs.keys, width)], dim=0)
             mine.values = torch.cat([_lpad(mine.values, width), _lpad(theirs.values, width)], dim=0)
-        self.mask = torch.cat([_lpad(self.mask, width, dim=1), _lpad(new_mask, width, dim=1)], dim=0)
+        self.mask = torch.cat([_lpad(self.mask, width, dim=1), _lpad(mask, width, dim=1)], dim=0)
 
     def next_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask and position ids for a decode step that feeds one token per row.
@@ -73,8 +74,18 @@ class BatchCache:
             layer.values = layer.values.index_select(0, index)[:, :, trim:]
 
 
-def _device(cache: DynamicCache) -> torch.device:
-    return cache.layers[0].keys.device
+def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, mask, positions)``, each ``(B, T)``, for prompts prefilled together:
+    left-padded to the longest, so every row's last token is the last column.
+
+    Padding ids are 0 (any id: masked keys are never attended); a padding
+    query's position is 1, as ``generate`` sets it, so no position is negative.
+    """
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(dim=1) - 1).masked_fill(mask == 0, 1)
+    return ids, mask, positions
 
 
 def _lpad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

@@ -3,9 +3,10 @@
 One scheduler thread owns the model (torch releases the GIL inside ops, so the
 event loop stays responsive). Every step it
 
-1. drops cancelled requests and admits waiting ones: each is prefilled alone —
-   exactly what ``generate`` does for one prompt — and its KV cache joins the
-   running batch left-padded and masked (:mod:`.kv_batch`);
+1. drops cancelled requests and admits waiting ones: those that arrived
+   together are prefilled in ONE forward, left-padded and masked, and their KV
+   cache joins the running batch (:mod:`.kv_batch`), so 16 arrivals wait for
+   one prefill instead of for up to 16 in a row;
 2. runs ONE batched decode forward for all running sequences;
 3. samples each row with its own settings (greedy, or temperature/top-p with
    the request's own seeded ``torch.Generator``), streams the new text, and
@@ -23,10 +24,16 @@ The queue, the scheduler loop, streaming, cancellation, stop rules, fair
 admission and timeouts are :class:`~.batching.BatchingEngine`'s, shared with
 the llama.cpp engine; this module supplies loading, prefill and the decode step.
 
-Batching is not bit-for-bit batch-invariant: CPU GEMM kernels round
-differently for 1 row than for 8+ (≈1e-5 on SmolLM2's logits), so a greedy
-token could differ from single-sequence ``generate`` only where the top two
-logits are that close. Padding itself contributes exactly nothing.
+Greedy output equals ``generate``'s up to a stated tolerance, not bit for bit.
+A lone prompt, or prompts of one length, run unpadded and unmasked: row for
+row what ``generate`` runs. Two things round differently: CPU GEMM kernels for
+1 row and for many (decode batches, ≈1e-5 on SmolLM2's logits), and, in a
+padded prefill, the attention reductions over a longer, partly masked row (a
+masked key adds an exact zero, but the order of the sum changes). Together
+they move SmolLM2's logits by < 1e-4 (``PREFILL_LOGIT_TOLERANCE``, checked by
+tests/engines/test_llm_engine.py on every run), so a greedy token can differ
+from single-sequence ``generate`` only where its top two logits are closer
+than 2e-4.
 """
 
 from __future__ import annotations
@@ -39,25 +46,29 @@ from typing import Any
 import torch
 
 from maas_ray.engines.batching import BatchingEngine, Request
-from maas_ray.engines.kv_batch import BatchCache, check_supported
+from maas_ray.engines.kv_batch import BatchCache, check_supported, left_pad
 
 logger = logging.getLogger(__name__)
+
+PREFILL_LOGIT_TOLERANCE = 1e-4
+"""How far batched (padded) prefill may move a logit from the prompt's own prefill."""
 
 
 class TransformersEngine(BatchingEngine):
     """Continuous batching over a local HF model folder (safetensors, no remote code).
 
     ``max_batch_size`` caps running sequences (more wait in line);
-    ``prefill_tokens_per_step`` caps prompt tokens prefilled between two decode
-    steps (at least one request), so a burst of long prompts stalls running
-    streams for a bounded time; ``max_request_share``: the most of the running
+    ``prefill_tokens_per_step`` caps the tokens of one prefill forward between
+    two decode steps, padding included (at least one request), so a burst of
+    long prompts stalls running streams for a bounded time;
+    ``max_prefill_batch`` caps the prompts in it (1: one at a time); ``max_request_share``: the most of the running
     batch one client request (its ``n`` choices) may hold while it runs
     anything. Thread count: whatever ``torch.set_num_threads`` says in the process.
     """
 
     def __init__(self, model_dir: Path | str, device: str = "cpu", dtype: torch.dtype | None = None,
                  max_batch_size: int = 16, prefill_tokens_per_step: int = 2048,
-                 max_request_share: float = 0.5) -> None:
+                 max_request_share: float = 0.5, max_prefill_batch: int = 16) -> None:
         from transformers import AutoTokenizer, GenerationConfig
 
         super().__init__(max_batch_size, max_request_share)
@@ -65,6 +76,7 @@ class TransformersEngine(BatchingEngine):
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **kwargs)
         self.device = torch.device(device)
         self.prefill_tokens_per_step = prefill_tokens_per_step
+        self.max_prefill_batch = max(1, max_prefill_batch)
         try:
             eos = GenerationConfig.from_pretrained(str(model_dir), **kwargs).eos_token_id
         except OSError:  # no generation_config.json: the model config's EOS below
@@ -103,30 +115,56 @@ class TransformersEngine(BatchingEngine):
 
     def _admit(self) -> None:
         budget = self.prefill_tokens_per_step
-        while len(self._running) < self.max_batch_size:
+        while seqs := self._take_arrivals(budget, first=budget == self.prefill_tokens_per_step):
+            budget -= len(seqs) * max(len(seq.prompt) for seq in seqs)
+            self._prefill(seqs)
+
+    def _take_arrivals(self, budget: int, first: bool) -> list[Request]:
+        """Waiting requests to prefill in one forward, moved to ``_running`` (visible
+        to stats() while they prefill): in admission order, at most
+        ``max_prefill_batch``, while their padded size (count × longest prompt)
+        stays within ``budget``; the ``first`` forward of a step takes one anyway."""
+        seqs: list[Request] = []
+        while len(self._running) < self.max_batch_size and len(seqs) < self.max_prefill_batch:
             with self._lock:
                 seq = self._next_waiting()
-                if seq is None or (budget < len(seq.prompt) and budget < self.prefill_tokens_per_step):
-                    return
+                if seq is None:
+                    break
+                width = max(len(s.prompt) for s in [*seqs, seq])
+                if (len(seqs) + 1) * width > budget and (seqs or not first):
+                    break
                 self._waiting.remove(seq)
-                self._running.append(seq)  # visible to stats() while it prefills
-            budget -= len(seq.prompt)
-            try:
+                self._running.append(seq)
+            seqs.append(seq)
+        return seqs
+
+    def _prefill(self, seqs: list[Request]) -> None:
+        """Prefill the last ``len(seqs)`` running requests in one forward; stream their first tokens."""
+        try:
+            for seq in seqs:
                 seq.state = _generator(seq)
-                ids = torch.tensor([seq.prompt], device=self.device)
-                # logits_to_keep=1: generate() computes only the last position's
-                # logits too, so the first token matches it bit for bit.
-                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            except Exception as err:  # noqa: BLE001 - this prompt failed, not the batch
-                logger.exception("prefill of %s failed", seq.request_id)
-                with self._lock:
-                    self._running.pop()
+            prompts = [seq.prompt for seq in seqs]
+            ids, mask, positions = left_pad(prompts, self.device)  # (b, T) each
+            # logits_to_keep=1: generate() computes only the last position's logits
+            # too. Prompts of one length need no mask, so a lone prompt runs exactly
+            # what generate() runs for it; see the module doc for padded ones.
+            padded = len({len(p) for p in prompts}) > 1
+            out = self.model(input_ids=ids, attention_mask=mask if padded else None,
+                             position_ids=positions if padded else None, use_cache=True, logits_to_keep=1)
+        except Exception as err:  # noqa: BLE001 - these prompts failed, not the running batch
+            logger.exception("prefill of %s failed", [s.request_id for s in seqs])
+            with self._lock:
+                self._running = self._running[:len(self._running) - len(seqs)]
+            for seq in seqs:
                 self._retire(seq, err)
-                continue
-            self._batch.add(out.cache, len(seq.prompt))
-            rows = out.logits[:, -1, :]  # (1, V)
-            if self._accept(seq, self._sample(rows, [seq])[0], _numpy_rows(rows, [seq])[0]):
-                self._remove({len(self._running) - 1})
+            return
+        self._batch.add(out.cache, mask)
+        rows = out.logits[:, -1, :]  # (b, V)
+        first = len(self._running) - len(seqs)
+        finished = {first + i for i, (seq, tok, row) in
+                    enumerate(zip(seqs, self._sample(rows, seqs), _numpy_rows(rows, seqs)))
+                    if self._accept(seq, tok, row)}
+        self._remove(finished)
 
     def _step(self) -> None:
         last = torch.tensor([[s.generated[-1]] for s in self._running], device=self.device)  # (B, 1)

@@ -10,6 +10,8 @@ import torch
 
 from maas_ray.engines import EngineClosed, SamplingParams, TransformersEngine
 from maas_ray.engines.detokenize import TextStream
+from maas_ray.engines.kv_batch import left_pad
+from maas_ray.engines.transformers_engine import PREFILL_LOGIT_TOLERANCE
 
 CHAT = "smollm2-135m-instruct"
 # Different prompt lengths, so rows are left-padded differently in the batch.
@@ -17,6 +19,10 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Co
            "Hi", "Explain gravity in one sentence to a curious child who likes football.",
            "List three colors.", "What is 2+2?", "Name a famous scientist.", "Tell me a joke about cats."]
 MAX_TOKENS = [24, 16, 20, 24, 16, 20, 24, 16, 20]
+# Sixteen arrivals at once, one prefill forward: PROMPTS and seven more, all lengths.
+BURST = PROMPTS + ["Why is the sky blue?", "Translate 'good morning' into French.", "Say yes.",
+                   "What do bees make?", "Give me one word that rhymes with moon.",
+                   "Describe a sunset over the mountains in two short sentences.", "Spell cat."]
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +32,19 @@ def engine(llm_dirs: dict[str, str]):
 
 
 @pytest.fixture(scope="module")
-def reference(llm_dirs: dict[str, str]):
-    """In-process ``model.generate(do_sample=False)``, one prompt at a time."""
+def hf_model(llm_dirs: dict[str, str]):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(llm_dirs[CHAT]).eval()
+    return AutoModelForCausalLM.from_pretrained(llm_dirs[CHAT]).eval()
 
+
+@pytest.fixture(scope="module")
+def reference(hf_model):
+    """In-process ``model.generate(do_sample=False)``, one prompt at a time."""
     def generate(ids: list[int], n: int) -> list[int]:
         with torch.inference_mode():
             prompt = torch.tensor([ids])
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+            out = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                                  do_sample=False)
         return out[0, len(ids):].tolist()
 
@@ -98,6 +107,49 @@ def test_greedy_equals_generate_alone_and_with_8_others(engine, reference) -> No
         assert got[2] == ("stop" if want[-1] in engine.eos_ids else "length")
     # The engine thread retires finished sequences right after their last chunk.
     assert asyncio.run(_until(lambda: engine.stats() == {"running": 0, "waiting": 0})), engine.stats()
+
+
+def test_padded_prefill_stays_within_its_stated_tolerance(engine, hf_model) -> None:
+    """The prefill the engine runs for arrivals together (:func:`left_pad`'s inputs in one
+    forward) against each prompt's own prefill: the bound the transformers engine's module doc states, which is what makes
+    greedy tokens equal wherever the top two logits are further apart than twice it."""
+    prompts = [_ids(engine, p) for p in BURST]
+    with torch.inference_mode():
+        alone = torch.cat([hf_model(input_ids=torch.tensor([p]), logits_to_keep=1).logits[:, -1]
+                           for p in prompts])  # (16, V)
+        ids, mask, positions = left_pad(prompts, torch.device("cpu"))
+        together = hf_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                            logits_to_keep=1).logits[:, -1]
+    assert torch.isfinite(together).all()
+    drift = float((together - alone).abs().max())
+    assert drift < PREFILL_LOGIT_TOLERANCE, drift
+    top2 = alone.topk(2).values
+    assert ((top2[:, 0] - top2[:, 1]) > 2 * drift).all()  # so the first tokens agree, as below
+    assert together.argmax(dim=1).tolist() == alone.argmax(dim=1).tolist()
+
+
+def test_sixteen_simultaneous_arrivals_of_different_lengths_equal_generate(engine, reference) -> None:
+    ids = [_ids(engine, p) for p in BURST]
+    assert len({len(i) for i in ids}) >= 8, "prompts should differ in length"
+    expected = [reference(i, 8) for i in ids]
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+
+    prefills: list[int] = []  # rows of each prefill forward (decode steps feed 1 token a row)
+    hook = engine.model.register_forward_pre_hook(
+        lambda _m, _a, kw: prefills.append(len(kw["input_ids"])) if kw["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True)
+
+    async def main():
+        return await asyncio.gather(*[_run(engine, i, greedy, f"burst{j}") for j, i in enumerate(ids)])
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        hook.remove()
+    # The scheduler may wake for the first arrival alone; the rest wait for one forward.
+    assert sum(prefills) == 16 and max(prefills) >= 8, prefills
+    for j, (got, want) in enumerate(zip(results, expected)):
+        assert got[0] == want, f"request {j} diverged: {got[0]} vs {want}"
 
 
 def test_short_request_finishes_while_long_one_runs(engine) -> None:
