@@ -34,10 +34,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from maas_ray.engines.constraints import Constraint, Grammars
 from maas_ray.engines.detokenize import TextStream
 from maas_ray.engines.engine import (EngineClosed, FinishReason, GenerationChunk,
                                        GenerationEngine, RequestTimeout, SamplingParams, TokenLogprob)
 from maas_ray.engines.logprobs import TokenPieces, token_logprob
+from maas_ray.engines.tool_format import for_template
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,9 @@ class Request:
     unsent: list[int] = field(default_factory=list)  # token ids not yet in a chunk
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # theirs, if asked for
     done: bool = False
+    constraint: Constraint | None = None
+    """Its grammar's state when ``params.grammar`` is set: the backend's ``_sample`` masks
+    tokens outside it, :meth:`BatchingEngine._accept` advances it."""
     state: Any = None
     """The backend's per-request data (KV slot, sampler, RNG)."""
 
@@ -174,12 +179,19 @@ class BatchingEngine(GenerationEngine):
         """Token id → ``(text, bytes)`` as logprobs show it (cached per engine)."""
         return TokenPieces(self.tokenizer)
 
+    @functools.cached_property
+    def grammars(self) -> Grammars:
+        """Grammars compiled for this engine's tokenizer (built on first use, ~1 s)."""
+        return Grammars(self.tokenizer, self.tokenizer.eos_token_id)
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
+        messages, extra = for_template(self.tokenizer, messages, tools)
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=True)
+                                                 tokenize=True, **extra)
         if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
@@ -197,8 +209,12 @@ class BatchingEngine(GenerationEngine):
                              f"{self.context_length} (prompt + completion)")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         deadline = None if params.timeout_s is None else time.monotonic() + params.timeout_s
+        # Off the event loop: the first grammar builds the tokenizer's index (~1 s).
+        constraint = None if params.grammar is None else await asyncio.to_thread(
+            lambda: self.grammars.start(params.grammar))
         seq = Request(request_id, list(prompt_ids), params, stop_ids, TextStream(self.tokenizer, params.stop),
-                      asyncio.get_running_loop(), asyncio.Queue(), group or request_id, deadline)
+                      asyncio.get_running_loop(), asyncio.Queue(), group or request_id, deadline,
+                      constraint=constraint)
         with self._lock:  # checked under the lock: close() fails whatever is queued by then
             if self._closed.is_set():
                 raise EngineClosed("the engine is closed")
@@ -330,6 +346,8 @@ class BatchingEngine(GenerationEngine):
 
         ``logits``: the raw logits row (V,) the token was sampled from, as a NumPy array;
         backends pass it when ``seq.params.logprobs`` is not None (:mod:`.logprobs`)."""
+        if seq.constraint is not None:
+            seq.constraint.consume(token)
         seq.generated.append(token)
         seq.unsent.append(token)
         if seq.params.logprobs is not None:

@@ -47,6 +47,9 @@ class SamplingParams:
     logprobs: int | None = None
     """Report each generated token's log-probability and this many most likely
     alternatives (0–20) in :attr:`GenerationChunk.logprobs`; None: report nothing."""
+    grammar: str | None = None
+    """A Lark grammar (llguidance's dialect, :mod:`.constraints`) the completion must follow:
+    tokens outside it are masked before sampling. None: free text."""
 
 
 @dataclass(frozen=True)
@@ -108,9 +111,11 @@ class GenerationEngine(abc.ABC):
         """Tokenise a raw prompt (``/v1/completions``)."""
 
     @abc.abstractmethod
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Messages → prompt token ids, ending with the assistant's turn (unless
-        ``add_generation_prompt`` is False: ``/v1/tokenize`` may ask for that)."""
+        ``add_generation_prompt`` is False: ``/v1/tokenize`` may ask for that). ``tools`` and
+        messages with ``tool_calls`` or role ``tool`` are rendered as :mod:`.tool_format` says."""
 
     @abc.abstractmethod
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,

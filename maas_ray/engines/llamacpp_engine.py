@@ -277,16 +277,22 @@ class LlamaCppEngine(BatchingEngine):
 
     def _sample(self, seq: Request, index: int) -> tuple[int, np.ndarray | None]:
         """The next token of batch row ``index``, and its raw logits (V,) if ``seq`` asked for
-        logprobs (read before the sampler runs: the chain works on its own copy)."""
+        logprobs (read before the sampler runs: the chain works on its own copy; before the
+        grammar's mask, so they are the model's own distribution)."""
         slot: _Slot = seq.state
-        logits = None
-        if slot.sampler is None or seq.params.logprobs is not None:
+        logits = raw = None
+        if slot.sampler is None or seq.params.logprobs is not None or seq.constraint is not None:
             logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, index), shape=(self.n_vocab,))
+            raw = logits
+        if seq.constraint is not None:  # in llama.cpp's own buffer, which its sampler chain reads
+            if seq.params.logprobs is not None:
+                raw = logits.copy()
+            logits[~seq.constraint.allowed(self.n_vocab)] = -np.inf
         if slot.sampler is not None:
             token = int(self._lib.llama_sampler_sample(slot.sampler, self._ctx, index))
         else:
             token = int(np.argmax(logits))
-        return token, logits if seq.params.logprobs is not None else None
+        return token, raw if seq.params.logprobs is not None else None
 
     def _sampler(self, seq: Request) -> Any:
         """temperature → top-p → seeded draw, as the transformers engine samples; None for greedy."""

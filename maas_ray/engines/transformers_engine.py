@@ -183,6 +183,9 @@ class TransformersEngine(BatchingEngine):
         out = []
         for row, seq in zip(logits.float(), seqs):
             p = seq.params
+            if seq.constraint is not None:  # a copy: the raw row stays for logprobs
+                allowed = torch.from_numpy(seq.constraint.allowed(row.shape[-1])).to(row.device)
+                row = row.masked_fill(~allowed, float("-inf"))
             if p.temperature <= 0:
                 out.append(int(torch.argmax(row)))
                 continue

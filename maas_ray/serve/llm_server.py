@@ -67,7 +67,8 @@ class LLMServer:
     async def generate(self, model_id: str, prompt: str | list[dict[str, str]],
                        params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """First yields ``{"prompt_tokens", "engine"}`` (the engine's ``info()``) or
-        ``{"error"}``, then text deltas. ``params["group"]`` names the client request
+        ``{"error"}``, then text deltas. ``params["tools"]``: the chat's tools, rendered
+        with the messages (:mod:`~maas_ray.engines.tool_format`). ``params["group"]`` names the client request
         (its ``n`` choices share it, for fair admission); unless ``params["stream"]``,
         the engine aborts the request after ``request_timeout_s`` with
         :class:`~maas_ray.engines.engine.RequestTimeout`."""
@@ -85,7 +86,7 @@ class LLMServer:
                    "code": "invalid_value"}
             return
         try:
-            ids = await tokenize(engine, prompt)
+            ids = await tokenize(engine, prompt, tools=params.get("tools"))
         except PromptTooLong as err:
             yield {"error": str(err), "param": "messages" if isinstance(prompt, list) else "prompt",
                    "code": "context_length_exceeded"}
@@ -118,6 +119,7 @@ class LLMServer:
             stop=stops,
             seed=params.get("seed"),
             logprobs=params.get("logprobs"),
+            grammar=params.get("grammar"),
             # A stream's client sees progress and can hang up; a non-streaming one cannot.
             timeout_s=None if params.get("stream") else self.request_timeout_s,
         )
@@ -171,7 +173,8 @@ class PromptTooLong(ValueError):
     """The prompt cannot fit the model's context, whatever its tokens (it was not tokenized)."""
 
 
-async def tokenize(engine: Any, prompt: str | list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+async def tokenize(engine: Any, prompt: str | list[dict[str, Any]], add_generation_prompt: bool = True,
+                   tools: list[dict[str, Any]] | None = None) -> list[int]:
     """The prompt's token ids (chat messages through the chat template), computed in a
     worker thread so the replica's event loop keeps serving other requests meanwhile.
 
@@ -187,7 +190,7 @@ async def tokenize(engine: Any, prompt: str | list[dict[str, str]], add_generati
                             f"{engine.context_length} tokens, which no prompt over {limit} characters fits")
     if isinstance(prompt, str):
         return await asyncio.to_thread(engine.encode, prompt)
-    return await asyncio.to_thread(engine.apply_chat_template, prompt, add_generation_prompt)
+    return await asyncio.to_thread(engine.apply_chat_template, prompt, add_generation_prompt, tools)
 
 
 def wire_logprobs(pieces: Any, entries: list[Any]) -> list[dict[str, Any]]:

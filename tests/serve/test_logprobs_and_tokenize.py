@@ -21,18 +21,6 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 F32_TOLERANCE = 0.05
 
 
-@pytest.fixture(scope="module")
-def client(serve_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{serve_url}/v1", api_key="unused", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module", params=["transformers", "llama.cpp"])
-def model(request: pytest.FixtureRequest, llm_home: str) -> str:
-    if request.param == "transformers":
-        return f"{CHAT}:1"
-    return request.getfixturevalue("gguf_model")
-
-
 def _check_entry(token: str, logprob: float, top: list, k: int) -> None:
     """Greedy: the chosen token is the most likely one, with exactly its logprob (both come
     from one log-softmax row, and the top list breaks ties as argmax does)."""

@@ -7,6 +7,7 @@ inner code can trust them.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -39,11 +40,48 @@ class ContentPart(BaseModel):
     text: str
 
 
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule; names go into grammars verbatim
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: str = Field(description="The arguments as a JSON object, in text.")
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, v: str) -> str:
+        try:
+            ok = isinstance(json.loads(v), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("arguments must be a JSON object in a string")
+        return v
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | Annotated[list[ContentPart], Field(max_length=256)] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=128)] | None = None
+    tool_call_id: str | None = Field(default=None, description="On a tool message: the call it answers.")
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -52,10 +90,71 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def prompt(self) -> dict[str, Any]:
+        """The message as the model server renders it (:mod:`maas_ray.engines.tool_format`)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump(include={"id", "type", "function"}) for c in self.tool_calls]
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+            if self.name:
+                out["name"] = self.name
+        return out
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description=(
+        "A JSON schema of the arguments (an object); the call's arguments always fit it."))
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str = Field(pattern=FUNCTION_NAME)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: FunctionName
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema", description=(
+        "The JSON schema the output fits; features llguidance cannot enforce are refused (400)."))
+    strict: bool | None = Field(default=None, description=(
+        "Accepted for compatibility: the output always fits the schema (constrained decoding)."))
+
+
+class ResponseFormat(BaseModel):
+    """``text`` (free), ``json_object`` (any JSON object) or ``json_schema``; the output is
+    decoded under a grammar, so it parses unless ``max_tokens`` cuts it (finish_reason "length")."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is required with type "json_schema", and only then')
+        return self
 
 
 class SamplingFields(_Request):
@@ -72,6 +171,7 @@ class SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -91,12 +191,36 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = Field(default=False, description="Return each output token's log-probability.")
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description=(
         "With logprobs: also the most likely tokens at each position, this many (0 to 20)."))
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(default=None, description=(
+        'Default "auto" with tools, "none" without; "required" and a named function force a call.'))
+    parallel_tool_calls: bool = Field(default=True, description="Allow more than one call per answer.")
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         return self
+
+    @model_validator(mode="after")
+    def _choice_needs_tools(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools must have distinct function names")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names function {choice.function.name!r}, which is not in tools")
+        if choice == "required" and not names:
+            raise ValueError('tool_choice "required" needs tools')
+        return self
+
+    def tool_mode(self) -> str:
+        """``none``, ``auto``, ``required`` or ``named``, with OpenAI's defaults."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        if not self.tools:
+            return "none"
+        return self.tool_choice or "auto"
 
     def new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

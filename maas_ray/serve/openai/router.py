@@ -31,7 +31,7 @@ async def chat_completions(req: p.ChatCompletionRequest) -> Any:
     ctx = get_context()
     mv = ctx.resolve(req.model)
     serving.require_task(mv, serving.CHAT_TASKS, "/v1/chat/completions")
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    messages = [m.prompt() for m in req.messages]
     if req.stream:
         events = await serving.stream_sse(ctx, mv, req, messages, chat=True)
         return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)

@@ -23,8 +23,10 @@ from maas_ray.registry import ModelVersion
 from maas_ray.serve.calls import replica_errors
 from maas_ray.serve.context import ServiceContext
 from maas_ray.serve.errors import APIError
+from maas_ray.engines.constraints import GrammarError, compile_grammar, json_schema
 from maas_ray.engines.engine import RequestTimeout
 from maas_ray.serve.openai import protocol as p
+from maas_ray.serve.openai.tools import ToolCallReader, prompt_tools, tools_grammar
 
 CHAT_TASKS = ("chat",)
 EMBEDDING_TASKS = ("embedding",)
@@ -55,6 +57,32 @@ def model_error(result: dict[str, Any]) -> APIError:
                     headers)
 
 
+def uses_tools(req: p.SamplingFields) -> bool:
+    """Whether the answer may hold tool calls (chat with tools, tool_choice not "none")."""
+    return isinstance(req, p.ChatCompletionRequest) and req.tool_mode() != "none"
+
+
+async def request_grammar(req: p.SamplingFields) -> str | None:
+    """The grammar the completion must follow (None: free text), from ``response_format`` and
+    the tools, compiled here once (cached by text) so a schema llguidance cannot enforce is a
+    400 naming the feature before it reaches an engine."""
+    fmt = req.response_format
+    answer = None
+    if fmt is not None and fmt.type != "text":
+        answer = json_schema(fmt.json_schema.json_schema if fmt.json_schema else None)
+    lark = tools_grammar(req, answer) if uses_tools(req) else None  # type: ignore[arg-type]
+    if lark is None and answer is not None:
+        lark = f"start: {answer}"
+    if lark is None:
+        return None
+    try:
+        await asyncio.to_thread(compile_grammar, lark)
+    except GrammarError as err:
+        param = "tools" if uses_tools(req) else "response_format"
+        raise APIError(400, f"{param} cannot be enforced: {err}", param, "invalid_value") from None
+    return lark
+
+
 async def open_stream(ctx: ServiceContext, mv: ModelVersion, prompt: Any,
                       params: dict[str, Any]) -> tuple[Any, int]:
     """Start one generation; return (the response stream, prompt token count)."""
@@ -77,7 +105,8 @@ async def open_all(ctx: ServiceContext, mv: ModelVersion, req: p.SamplingFields,
     opened: list[tuple[Any, int]] = []
     # group: the model server admits the n choices of one request fairly against other
     # requests; stream: only non-streaming requests get its overall timeout.
-    extra = {"group": p.new_id("req"), "stream": req.stream}
+    extra = {"group": p.new_id("req"), "stream": req.stream, "grammar": await request_grammar(req),
+             "tools": prompt_tools(req) if isinstance(req, p.ChatCompletionRequest) else None}
     try:
         for i in range(req.n):
             params = {**sampling(req, req.new_tokens(), i), **extra}  # type: ignore[attr-defined]
@@ -144,9 +173,15 @@ async def complete(ctx: ServiceContext, mv: ModelVersion, req: p.SamplingFields,
     prompt_tokens = opened[0][1]
     completion_tokens = sum(r[2] for r in results)
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": text},
-                    "finish_reason": finish, "logprobs": chat_logprobs(req, logprobs)}
-                   for i, (text, finish, _, logprobs) in enumerate(results)]
+        choices = []
+        for i, (text, finish, _, logprobs) in enumerate(results):
+            message = {"role": "assistant", "content": text}
+            if uses_tools(req):
+                reader = ToolCallReader()
+                reader.feed(text, final=True)
+                message, finish = reader.message(), reader.finish_reason(finish)
+            choices.append({"index": i, "message": message, "finish_reason": finish,
+                            "logprobs": chat_logprobs(req, logprobs)})
         obj, rid = "chat.completion", p.new_id("chatcmpl")
     else:
         choices = [{"index": i, "text": text, "finish_reason": finish,
@@ -171,6 +206,7 @@ async def _sse(mv: ModelVersion, req: p.SamplingFields, opened: list[tuple[Any, 
     queue: asyncio.Queue = asyncio.Queue()
     counts = [0] * len(opened)
     offsets = [0] * len(opened)  # characters each choice has sent (completions' text_offset)
+    readers = [ToolCallReader() for _ in opened] if uses_tools(req) else None
 
     async def pump(index: int, stream: Any) -> None:
         try:
@@ -196,20 +232,29 @@ async def _sse(mv: ModelVersion, req: p.SamplingFields, opened: list[tuple[Any, 
             text = chunk.get("text", "")
             entries = chunk.get("logprobs") or []
             if chat:
-                choice = {"index": index, "delta": {"content": text} if text else {},
-                          "finish_reason": finish, "logprobs": chat_logprobs(req, entries)}
-                body = p.chat_chunk(rid, mv.id, created, [choice])
-            else:
-                logprobs = completion_logprobs(req, entries, offsets[index])
-                if entries:
-                    offsets[index] = logprobs["text_offset"][-1] + len(entries[-1]["token"])
-                body = {"id": rid, "object": "text_completion", "created": created, "model": mv.id,
-                        "choices": [{"index": index, "text": text, "finish_reason": finish,
-                                     "logprobs": logprobs}]}
+                # Tool calls: the text becomes content and tool_calls deltas, one event each
+                # (OpenAI's shape); the logprobs ride on the first, the finish on the last.
+                if readers is not None:
+                    deltas = readers[index].feed(text, final=finish is not None)
+                    finish = readers[index].finish_reason(finish) if finish else None
+                else:
+                    deltas = [{"content": text}] if text else []
+                if not deltas and (finish or entries):
+                    deltas = [{}]
+                for k, delta in enumerate(deltas):
+                    yield _event(p.chat_chunk(rid, mv.id, created, [
+                        {"index": index, "delta": delta, "finish_reason": finish if k == len(deltas) - 1 else None,
+                         "logprobs": chat_logprobs(req, entries if k == 0 else [])}]))
+                continue
+            logprobs = completion_logprobs(req, entries, offsets[index])
+            if entries:
+                offsets[index] = logprobs["text_offset"][-1] + len(entries[-1]["token"])
             # Tokens whose text is held back (half a character, a possible stop string)
             # still carry their logprobs.
             if text or finish or entries:
-                yield _event(body)
+                yield _event({"id": rid, "object": "text_completion", "created": created, "model": mv.id,
+                              "choices": [{"index": index, "text": text, "finish_reason": finish,
+                                           "logprobs": logprobs}]})
         if include_usage:
             usage = p.usage(opened[0][1], sum(counts))
             if chat:
@@ -254,7 +299,7 @@ async def embed(ctx: ServiceContext, mv: ModelVersion, req: p.EmbeddingRequest) 
 async def tokenize(ctx: ServiceContext, mv: ModelVersion, req: p.TokenizeRequest) -> dict[str, Any]:
     """``/v1/tokenize`` on the model's own replica (its engine holds the tokenizer)."""
     if req.messages is not None:
-        prompt: Any = [{"role": m.role, "content": m.text()} for m in req.messages]
+        prompt: Any = [m.prompt() for m in req.messages]
     else:
         prompt = req.prompt
     return await _call(ctx, mv, "tokenize_prompt", prompt, req.add_generation_prompt)
