@@ -1,4 +1,4 @@
-"""``/v1/files``: OpenAI's file API, for fine-tuning data.
+"""``/v1/files``: OpenAI's file API, for fine-tuning data and batches (their input and results).
 
 Handlers are plain ``def``: the database and storage calls block, so FastAPI
 runs them in its thread pool instead of on the replica's event loop. The upload
@@ -18,6 +18,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from maas_ray import db
+from maas_ray.batches.service import ACTIVE as BATCH_ACTIVE
 from maas_ray.finetune.files import FileNotFound, FileRejected, FileStore
 from maas_ray.finetune.jobs import ACTIVE, JobService
 from maas_ray.serve.context import get_context, tenant_of
@@ -138,9 +139,13 @@ def delete_file(request: Request, file_id: str) -> dict[str, Any]:
         busy = s.scalars(select(db.JobRow.id).where(
             db.JobRow.status.in_(ACTIVE),
             (db.JobRow.training_file == file_id) | (db.JobRow.validation_file == file_id))).first()
+        busy = busy and f"fine-tuning job {busy}"
+        batch = s.scalars(select(db.BatchRow.id).where(
+            db.BatchRow.status.in_(BATCH_ACTIVE), db.BatchRow.input_file_id == file_id)).first()
+        busy = busy or (batch and f"batch {batch}")
     if busy:
-        raise APIError(409, f"file {file_id} is in use by fine-tuning job {busy}; "
-                       "cancel the job or wait for it to finish", "file_id", "file_in_use")
+        raise APIError(409, f"file {file_id} is in use by {busy}; "
+                       "cancel it or wait for it to finish", "file_id", "file_in_use")
     try:
         store.delete(file_id, tenant)
     except FileNotFound as err:
