@@ -2,21 +2,22 @@
 
 A key reads ``maas-{id}-{secret}``: the id (not secret) finds the row through
 the primary key, then the secret is checked against a per-key salted PBKDF2
-hash. A verified key is remembered in the process by a SHA-256 of it (never
-the key itself), so the slow hash runs once per key per replica; revocation
-still takes effect on the next request because the row is read every time.
-An unknown or revoked id costs the same PBKDF2 as a wrong secret (against a
-dummy salt), so timing does not tell which key ids exist.
+hash. A verified key is remembered in the process under a SHA-256 of the whole
+key (never the key itself) for :data:`VERIFIED_TTL_S` (5 s): within that, a request
+reads nothing from the database; after it, the row is read again (no second PBKDF2
+while its hash is unchanged). So a key revoked elsewhere stops working within 5 s on
+every replica (at once on the store that revoked it), and changed limits apply within
+5 s. An unknown or revoked id costs the same PBKDF2 as a wrong secret (against a dummy
+salt), so timing does not tell which key ids exist.
 
-Counters are rows updated atomically in the database (an upsert that adds one),
-so a limit holds across all ingress replicas and processes.
+Rate windows, budgets and usage are counted by the store's :class:`~.ledger.Ledger`: in
+memory, settled with the database in batches, with the tolerances it states.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import re
 import secrets
 import time
@@ -28,6 +29,11 @@ from sqlalchemy import BigInteger, Boolean, Integer, String, select, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from maas_ray import db
+from maas_ray.auth.ledger import (FLUSH_PERIOD_S, Denied, Ledger, NeedsDatabase, UsageRow,
+                                  seconds_to_midnight)
+
+__all__ = ["ApiKey", "ApiKeyRow", "AuthError", "Denied", "KeyStore", "NeedsDatabase", "RateLimit",
+           "parse_rate", "seconds_to_midnight", "split_key"]
 
 PREFIX = "maas"
 _ITERATIONS = 120_000
@@ -39,6 +45,8 @@ DEFAULT_RATE = "60/min"
 # pool (httpx and the OpenAI SDK keep up to 10-20), far below what would crowd out others.
 DEFAULT_MAX_CONCURRENT = 16
 _DUMMY_SALT = bytes(16)  # unknown ids are hashed against this: same work as a real key
+VERIFIED_TTL_S = 5.0  # how long a verified key is trusted without reading its row
+_MAX_VERIFIED = 10_000  # verified keys remembered per process (only real keys get in)
 
 
 class ApiKeyRow(db.Base):
@@ -57,23 +65,6 @@ class ApiKeyRow(db.Base):
                                                 server_default=text(str(DEFAULT_MAX_CONCURRENT)))
     created_at: Mapped[int] = mapped_column(BigInteger, default=db.now)
     revoked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-
-
-class RateWindowRow(db.Base):
-    __tablename__ = "api_key_rate_windows"
-    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    count: Mapped[int] = mapped_column(Integer, default=0)
-
-
-class UsageRow(db.Base):
-    __tablename__ = "api_key_usage"
-    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    day: Mapped[str] = mapped_column(String(10), primary_key=True)  # YYYY-MM-DD (UTC)
-    tenant: Mapped[str] = mapped_column(String(128), index=True)
-    requests: Mapped[int] = mapped_column(BigInteger, default=0)
-    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 @dataclass(frozen=True)
@@ -125,15 +116,6 @@ class AuthError(Exception):
     """Missing, malformed, unknown or revoked key (401)."""
 
 
-class Denied(Exception):
-    """Over a rate limit, token budget, concurrency limit or failed-check throttle (429);
-    ``retry_after`` in whole seconds."""
-
-    def __init__(self, message: str, retry_after: int, code: str) -> None:
-        super().__init__(message)
-        self.retry_after, self.code = max(1, retry_after), code
-
-
 def split_key(key: str) -> tuple[str, str]:
     m = _KEY_RE.fullmatch(key or "")
     if not m:
@@ -145,36 +127,21 @@ def _hash(secret: str, salt: bytes) -> str:
     return hashlib.pbkdf2_hmac("sha256", secret.encode(), salt, _ITERATIONS).hex()
 
 
-def _today(now: float) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(now))
-
-
-def seconds_to_midnight(now: float | None = None) -> int:
-    """Until the daily token budgets start again (UTC midnight), in whole seconds."""
-    now = time.time() if now is None else now
-    return math.ceil((math.floor(now / 86400) + 1) * 86400 - now)
-
-
-def _upsert_add(s: Any, table: Any, keys: dict[str, Any], adds: dict[str, int],
-                extra: dict[str, Any] | None = None) -> None:
-    """INSERT the row or add to its counters, atomically, on SQLite and Postgres alike."""
-    dialect = s.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(table).values(**keys, **adds, **(extra or {}))
-    stmt = stmt.on_conflict_do_update(
-        index_elements=list(keys), set_={k: getattr(table.c, k) + stmt.excluded[k] for k in adds})
-    s.execute(stmt)
+@dataclass(frozen=True)
+class _Verified:
+    key: ApiKey
+    hash: str  # the row's PBKDF2 hash when verified: a new hash means verify again
+    fresh_until: float  # time.monotonic()
 
 
 class KeyStore:
-    """Keys and their counters in one storage root's database."""
+    """Keys in one storage root's database, and this process's counters for them."""
 
-    def __init__(self, storage_root: str | None = None) -> None:
-        self.root = storage_root
-        self._verified: dict[str, bytes] = {}  # key id → sha256(key) once the slow hash matched
+    def __init__(self, storage_root: str | None = None, flush_period_s: float | None = FLUSH_PERIOD_S,
+                 verified_ttl_s: float = VERIFIED_TTL_S) -> None:
+        self.root, self.verified_ttl_s = storage_root, verified_ttl_s
+        self.ledger = Ledger(storage_root, flush_period_s)
+        self._verified: dict[bytes, _Verified] = {}  # sha256(whole key) → what verifying it found
 
     def create(self, tenant: str, rate: str | RateLimit = DEFAULT_RATE, tokens_per_day: int | None = None,
                admin: bool = False, max_concurrent: int = DEFAULT_MAX_CONCURRENT) -> tuple[ApiKey, str]:
@@ -211,23 +178,31 @@ class KeyStore:
                 raise KeyError(f"no API key with id {key_id!r}")
             if row.revoked_at is None:
                 row.revoked_at = db.now()
-            return ApiKey.of(row)
+        self._verified = {f: v for f, v in self._verified.items() if v.key.id != key_id}
+        return ApiKey.of(row)
 
-    def authenticate(self, key: str, before_slow_check: Callable[[str], None] | None = None) -> ApiKey:
+    def authenticate(self, key: str, before_slow_check: Callable[[str], None] | None = None,
+                     memory_only: bool = False) -> ApiKey:
         """The live key record for ``key``, else :class:`AuthError` (same message for all causes).
 
-        A key verified before in this process costs one row read. Anything else costs one
-        PBKDF2, whether the id exists or not; ``before_slow_check(key_id)`` runs first and
-        may raise (:class:`Denied`) to refuse without that work.
+        A key verified in the last :attr:`verified_ttl_s` costs nothing; verified before that,
+        one row read. Anything else costs one PBKDF2, whether the id exists or not;
+        ``before_slow_check(key_id)`` runs first and may raise (:class:`Denied`) to refuse
+        without that work. ``memory_only``: raise :class:`NeedsDatabase` rather than read.
         """
         key_id, secret = split_key(key)
+        fingerprint = hashlib.sha256(key.encode()).digest()
+        known = self._verified.get(fingerprint)
+        if known is not None and time.monotonic() < known.fresh_until:
+            return known.key
+        if memory_only:
+            raise NeedsDatabase(key_id)
         with db.session(self.root) as s:
             row = s.get(ApiKeyRow, key_id)
         live = row is not None and row.revoked_at is None
-        fingerprint = hashlib.sha256(key.encode()).digest()
-        known = self._verified.get(key_id)
-        if live and known is not None and hmac.compare_digest(known, fingerprint):
-            return ApiKey.of(row)  # type: ignore[arg-type]
+        if live and known is not None and hmac.compare_digest(known.hash, row.hash):  # type: ignore[union-attr]
+            return self._remember(fingerprint, row)  # type: ignore[arg-type]
+        self._verified.pop(fingerprint, None)
         if before_slow_check is not None:
             before_slow_check(key_id)
         if live:
@@ -236,46 +211,33 @@ class KeyStore:
             salt, expected = _DUMMY_SALT, ""
         if not (hmac.compare_digest(_hash(secret, salt), expected) and live):
             raise AuthError("invalid or revoked API key")
-        self._verified[key_id] = fingerprint
-        return ApiKey.of(row)  # type: ignore[arg-type]
+        return self._remember(fingerprint, row)  # type: ignore[arg-type]
 
-    def admit(self, key: ApiKey, now: float | None = None) -> int | None:
+    def _remember(self, fingerprint: bytes, row: ApiKeyRow) -> ApiKey:
+        if len(self._verified) >= _MAX_VERIFIED:
+            self._verified.pop(next(iter(self._verified)))  # the oldest entry
+        self._verified[fingerprint] = entry = _Verified(ApiKey.of(row), row.hash,
+                                                        time.monotonic() + self.verified_ttl_s)
+        return entry.key
+
+    def admit(self, key: ApiKey, now: float | None = None, memory_only: bool = False) -> int | None:
         """Count one request against the key's rate window; :class:`Denied` when over it or
         over today's token budget. Returns the tokens left today (``None``: no budget)."""
-        now = time.time() if now is None else now
-        window = key.rate.window_s
-        start = int(now // window * window)
-        left: int | None = None
-        with db.session(self.root) as s:
-            if key.tokens_per_day is not None:
-                used = s.get(UsageRow, (key.id, _today(now)))
-                spent = (used.prompt_tokens + used.completion_tokens) if used else 0
-                left = key.tokens_per_day - spent
-                if left <= 0:
-                    raise Denied(f"daily token budget of {key.tokens_per_day} tokens used up "
-                                 f"({spent} today)", seconds_to_midnight(now), "tokens_per_day_exceeded")
-            _upsert_add(s, RateWindowRow.__table__, {"key_id": key.id, "window_start": start}, {"count": 1})
-            count = s.scalar(select(RateWindowRow.count).where(
-                RateWindowRow.key_id == key.id, RateWindowRow.window_start == start))
-            # Old windows are no longer needed; drop them now and then.
-            if count == 1:
-                s.query(RateWindowRow).filter(RateWindowRow.key_id == key.id,
-                                              RateWindowRow.window_start < start).delete()
-        if count is not None and count > key.rate.requests:
-            raise Denied(f"rate limit of {key.rate} exceeded", math.ceil(start + window - now),
-                         "rate_limit_exceeded")
-        return left
+        return self.ledger.admit(key, now, memory_only)
 
     def record(self, key: ApiKey, prompt_tokens: int = 0, completion_tokens: int = 0,
                now: float | None = None) -> None:
-        """Meter one request (and the tokens it used) for today."""
-        now = time.time() if now is None else now
-        with db.session(self.root) as s:
-            _upsert_add(s, UsageRow.__table__, {"key_id": key.id, "day": _today(now)},
-                        {"requests": 1, "prompt_tokens": int(prompt_tokens),
-                         "completion_tokens": int(completion_tokens)}, extra={"tenant": key.tenant})
+        """Meter one request (and the tokens it used) for today (written within a flush period)."""
+        self.ledger.record(key, prompt_tokens, completion_tokens, now)
+
+    def close(self) -> None:
+        """Write this process's buffered usage (call when the process stops serving)."""
+        self.ledger.close()
 
     def usage(self, tenant: str | None = None, day: str | None = None) -> list[dict[str, Any]]:
+        """Metered usage in the database (this store's buffer written first; other processes'
+        arrives within their flush period)."""
+        self.ledger.flush()
         with db.session(self.root) as s:
             q = select(UsageRow).order_by(UsageRow.day, UsageRow.tenant, UsageRow.key_id)
             if tenant is not None:

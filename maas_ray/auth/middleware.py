@@ -10,6 +10,11 @@ its answer's ``usage`` shows). The key's tokens left today are published for the
 request (:func:`tokens_left`): routes that know a request's size before running it
 refuse one the budget cannot cover, or cut generation at the budget. Failed key
 checks are throttled and requests in flight capped per key (:mod:`.guards`).
+
+A request usually waits on nothing: a recently verified key, a rate lease with
+requests left and a fresh budget total are all in memory, and usage is buffered;
+only a missing one sends the check to the thread pool and the database
+(:mod:`.ledger` says what that costs in exactness).
 """
 
 from __future__ import annotations
@@ -18,16 +23,17 @@ import json
 import logging
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
 from maas_ray.auth.guards import ConcurrencyLimit, FailureThrottle
-from maas_ray.auth.keys import ApiKey, AuthError, Denied, KeyStore, split_key
+from maas_ray.auth.keys import ApiKey, AuthError, Denied, KeyStore, NeedsDatabase, split_key
 from maas_ray.serve.limits import send_error
 
 logger = logging.getLogger(__name__)
 Scope = dict[str, Any]
+T = TypeVar("T")
 GUARDED = ("/v1", "/v2")
 # Routes whose JSON answers carry OpenAI ``usage`` to meter.
 METERED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -82,6 +88,15 @@ def _usage_of(body: bytes) -> tuple[int, int]:
     return prompt, completion
 
 
+async def _in_memory_or_thread(call: Callable[..., T], *args: Any) -> T:
+    """``call(*args)`` on the event loop when it needs no database (the usual case: a recently
+    verified key, a rate lease with requests left), else in the thread pool."""
+    try:
+        return call(*args, memory_only=True)
+    except NeedsDatabase:
+        return await run_in_threadpool(call, *args)
+
+
 class ApiKeyAuth:
     """Guards /v1 and /v2 when ``enabled()`` is true (settings exist only once the replica started)."""
 
@@ -110,7 +125,7 @@ class ApiKeyAuth:
         key = key.strip()
         address = (scope.get("client") or ("unknown",))[0]
         try:
-            api_key: ApiKey = await run_in_threadpool(
+            api_key: ApiKey = await _in_memory_or_thread(
                 store.authenticate, key, lambda key_id: self._throttle.check(key_id, address))
         except AuthError as err:
             try:
@@ -130,7 +145,7 @@ class ApiKeyAuth:
             return
         try:
             try:
-                left = await run_in_threadpool(store.admit, api_key)
+                left = await _in_memory_or_thread(store.admit, api_key)
             except Denied as err:
                 await send_error(scope, send, 429, str(err), err.code, {"Retry-After": str(err.retry_after)})
                 return
@@ -166,7 +181,4 @@ class ApiKeyAuth:
                 prompt, completion = reported["prompt"], reported["completion"]
             else:
                 prompt, completion = _usage_of(b"".join(captured)) if captured else (0, 0)
-            try:
-                await run_in_threadpool(store.record, api_key, prompt, completion)
-            except Exception:  # metering must not turn a served answer into an error
-                logger.exception("could not record usage for key %s", api_key.id)
+            store.record(api_key, prompt, completion)  # in memory; written by the ledger's flushes

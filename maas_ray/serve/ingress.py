@@ -132,3 +132,9 @@ class Ingress:
         required = configure_auth(settings)
         logger.info("maas ingress ready (storage %s, API keys %s, Host allow-list %s)",
                     settings.storage_root(), "required" if required else "off", allowed_hosts())
+
+    def __del__(self) -> None:
+        """Serve calls this when the replica stops: write the usage metered since the last flush."""
+        store = key_store()
+        if store is not None:
+            store.close()

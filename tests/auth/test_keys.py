@@ -70,7 +70,9 @@ def test_cli_creates_lists_revokes_and_reports_usage(tmp_path: Path) -> None:
     assert runner.invoke(app, ["keys", "create", "--tenant", "x", "--rate", "1/week"], env=env).exit_code == 2
     assert runner.invoke(app, ["keys", "revoke", "nope"], env=env).exit_code == 2
     assert runner.invoke(app, ["keys", "revoke", key.id], env=env).exit_code == 0
-    KeyStore(str(tmp_path)).record(key, 7, 3)
+    writer = KeyStore(str(tmp_path))
+    writer.record(key, 7, 3)  # buffered in memory ...
+    writer.close()  # ... and written when the process stops serving
     r = runner.invoke(app, ["usage", "--tenant", "acme"], env=env)
     assert r.exit_code == 0 and "acme" in r.output and "7" in r.output
 
@@ -99,7 +101,7 @@ def test_unknown_revoked_and_wrong_keys_cost_the_same_hash(tmp_path: Path, monke
     assert store.authenticate(good).id == live.id and len(hashes) == 1  # verified: no second hash
     store.revoke(live.id)
     with pytest.raises(AuthError):
-        store.authenticate(good)  # the row is read every time: revocation holds at once
+        store.authenticate(good)  # revoking through this store forgets its verification at once
 
 
 def test_failed_checks_are_throttled_per_key_id_and_per_address_before_hashing(tmp_path: Path,
