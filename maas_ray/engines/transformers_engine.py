@@ -61,9 +61,10 @@ class TransformersEngine(BatchingEngine):
     ``prefill_tokens_per_step`` caps the tokens of one prefill forward between
     two decode steps, padding included (at least one request), so a burst of
     long prompts stalls running streams for a bounded time;
-    ``max_prefill_batch`` caps the prompts in it (1: one at a time); ``max_request_share``: the most of the running
-    batch one client request (its ``n`` choices) may hold while it runs
-    anything. Thread count: whatever ``torch.set_num_threads`` says in the process.
+    ``max_prefill_batch`` caps the prompts in it (1: one at a time, as
+    before arrivals were batched); ``max_request_share``: the most of the
+    running batch one client request (its ``n`` choices) may hold while it
+    runs anything. Thread count: whatever ``torch.set_num_threads`` says in the process.
     """
 
     def __init__(self, model_dir: Path | str, device: str = "cpu", dtype: torch.dtype | None = None,
