@@ -4,7 +4,8 @@
 
 Two maas apps in one Serve instance on one storage root: ``/off`` (auth off) and ``/on``
 (auth on, one key whose rate limit, token budget and concurrency limit are far above
-what the run uses, so every limit is checked and nothing is refused). The route is tabular predict on a tiny
+what the run uses, so every limit is checked and nothing is refused; ``--tokens-per-day 0``:
+a key without a budget). The route is tabular predict on a tiny
 MLP (8 → 16 → 1), one row per request: the forward pass is microseconds, so the time
 goes to HTTP, Serve's hops and auth (the cost being measured), not to the model. Rounds
 alternate off/on so machine noise hits both alike; prints req/s of each round, the
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="off/on pairs")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--ingress-replicas", type=int, default=1)
+    parser.add_argument("--tokens-per-day", type=int, default=10**12,
+                        help="the key's daily token budget (0: none, as `maas keys create` makes by default)")
     args = parser.parse_args()
 
     import ray
@@ -85,7 +88,7 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="maas-bench-auth-")
     model_id = publish_model(root)
     # Limits far above the run's: every check runs, none refuses (64 in flight > the default 16).
-    _, secret = KeyStore(root).create("bench", rate="1000000/min", tokens_per_day=10**12,
+    _, secret = KeyStore(root).create("bench", rate="1000000/min", tokens_per_day=args.tokens_per_day or None,
                                       max_concurrent=4 * args.concurrency)
     # Logical CPUs for two apps of fractional replicas; the machine's cores are shared alike.
     ray.init(address="local", num_cpus=8, logging_level="ERROR", include_dashboard=False)
@@ -115,7 +118,8 @@ def main() -> None:
     median = {v: statistics.median(r["rps"] for r in rs) for v, rs in rounds.items()}
     ratio = median["on"] / median["off"]
     print(f"\ntabular predict ({N_FEATURES}->{HIDDEN}->1), one row per request, concurrency "
-          f"{args.concurrency}, {args.ingress_replicas} ingress replica(s), {args.rounds} rounds of "
+          f"{args.concurrency}, {args.ingress_replicas} ingress replica(s), budget {args.tokens_per_day or 'none'}, "
+          f"{args.rounds} rounds of "
           f"{args.requests}:\n  auth off {median['off']:.1f} req/s, auth on {median['on']:.1f} req/s, "
           f"on/off {ratio:.2f} (cost {100 * (1 - ratio):.0f}%), load average {os.getloadavg()}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
