@@ -15,7 +15,7 @@ from maas_ray.engines import SamplingParams
 from maas_ray.engines.detokenize import TextStream
 from maas_ray.engines.engine import RequestTimeout
 from maas_ray.serve.llm_server import PromptTooLong, tokenize
-from test_llm_engine import _ids, _until  # the same helpers as the engine tests
+from tests.engines.test_llm_engine import _ids, _until  # the same helpers as the engine tests
 
 CHAT = "smollm2-135m-instruct"
 BATCH = 4  # slots per engine: a request may hold half of them, 2
