@@ -137,6 +137,9 @@ def _run(root: str, batch_id: str, endpoint: str, spec: dict[str, Any], work: st
 
     from maas_ray.batches.worker import BatchWorker
 
+    from maas_ray.runtime import quiet_ray_data
+
+    quiet_ray_data()
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     fs, path = storage.filesystem(work)
     ds = ray.data.read_text(path, filesystem=fs, ray_remote_args={"num_cpus": 0.1}).map_batches(

@@ -118,8 +118,7 @@ class BatchWorker:
         from maas_ray.serve.openai.serving import chat_logprobs, completion_logprobs
 
         engine = await self._model(mv)
-        prompt: Any = ([{"role": m.role, "content": m.text()} for m in req.messages] if chat
-                       else req.prompt_text())
+        prompt: Any = [m.prompt() for m in req.messages] if chat else req.prompt_text()
         param = "messages" if chat else "prompt"
         stops = req.stop_list()
         if any(len(s) > MAX_STOP_CHARS for s in stops):

@@ -72,8 +72,10 @@ def create(
     storage: StorageOpt = None,
     address: AddressOpt = None,
 ) -> None:
-    """Upload a JSONL file of requests and run it as a batch (a Ray job).
+    """Upload a JSONL file of requests and run it as a batch.
 
+    With --address the batch is a Ray job on that cluster (follow it with
+    maas batch get); without, it runs here on a local Ray until it ends.
     Lines are checked as the file uploads: a bad line stops here, with
     its line number. Each request's body is checked as the batch runs;
     a bad one goes to the batch's error file alone.
@@ -94,14 +96,21 @@ def create(
         except FileRejected as err:
             _fail(err)
     service = _service(storage, address)
+    detach = address is not None  # a cluster outlives this command; an embedded Ray does not
     with ray_session(address):
         try:
-            batch = service.create(stored.id, endpoint or str(stored.data_format))
+            batch = service.create(stored.id, endpoint or str(stored.data_format), submit=detach)
         except JobRejected as err:
             _fail(err)
-    console.print(f"batch {batch['id']} ({stored.rows} requests to {batch['endpoint']}): "
-                  f"{_status(batch['status'])}")
-    console.print(f"follow it with: maas batch get {batch['id']}")
+        console.print(f"batch {batch['id']} ({stored.rows} requests to {batch['endpoint']})")
+        if detach:
+            console.print(f"submitted as a Ray job; follow it with: maas batch get {batch['id']}")
+            return
+        from maas_ray.batches.runner import run_batch
+
+        with console.status("running the batch on the local Ray"):
+            run_batch(batch["id"], service.root)
+    get(batch["id"], storage)
 
 
 @app.command("list")
