@@ -45,8 +45,8 @@ class ConstraintViolated(RuntimeError):
 def json_schema(schema: dict[str, Any] | None) -> str:
     """``%json`` of ``schema`` with :data:`JSON_STYLE` (None: any JSON object)."""
     body = dict(schema) if schema is not None else {"type": "object"}
-    body["x-guidance"] = {**JSON_STYLE, **body.get("x-guidance", {})}
-    return "%json " + json.dumps(body, sort_keys=True)
+    body["x-guidance"] = JSON_STYLE  # ours, whatever the client put there
+    return "%json " + json.dumps(body)  # key order kept: properties are generated in schema order
 
 
 def json_grammar(schema: dict[str, Any] | None) -> str:

@@ -3,8 +3,8 @@
 ``tool_choice`` decides the grammar the answer is decoded under
 (:func:`~maas_ray.engines.tool_format.calls_grammar`):
 
-- ``required`` / a named function: only calls (of that function), so every answer is
-  a call whose ``arguments`` fit the function's ``parameters``;
+- ``required`` / a named function: only calls (one call of that function), so every
+  answer is a call whose ``arguments`` fit the function's ``parameters``;
 - ``auto`` (the default with tools): free text (or the ``response_format``'s JSON), or
   calls — a model may answer in words, but once its answer begins with ``<tool_call>``
   the call must be complete and fit its schema;
@@ -46,8 +46,10 @@ def tools_grammar(req: p.ChatCompletionRequest, answer: str | None) -> str | Non
     if mode == "named":
         functions = [f for f in functions if f.name == req.tool_choice.function.name]  # type: ignore[union-attr]
     free = None if mode in ("required", "named") else (answer or FREE_TEXT)
+    # A named function is called once, as vLLM does: allowed to repeat it, a small greedy
+    # model calls it again and again until max_tokens.
     return calls_grammar([{"name": f.name, "parameters": f.parameters} for f in functions], free,
-                         req.parallel_tool_calls)
+                         req.parallel_tool_calls and mode != "named")
 
 
 class ToolCallReader:
