@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 import uuid
 from typing import Any
 
@@ -115,7 +114,7 @@ class BatchWorker:
         from maas_ray.engines import SamplingParams
         from maas_ray.serve.llm_server import (DEFAULT_MAX_TOKENS, MAX_STOP_CHARS, PromptTooLong,
                                                tokenize, wire_logprobs)
-        from maas_ray.serve.openai.serving import chat_logprobs, completion_logprobs
+        from maas_ray.serve.openai.serving import answer
 
         engine = await self._model(mv)
         prompt: Any = [m.prompt() for m in req.messages] if chat else req.prompt_text()
@@ -153,18 +152,7 @@ class BatchWorker:
             return "".join(text), finish, count, logprobs
 
         results = await asyncio.gather(*(choice(i) for i in range(req.n)))
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": text},
-                        "finish_reason": finish, "logprobs": chat_logprobs(req, logprobs)}
-                       for i, (text, finish, _, logprobs) in enumerate(results)]
-            obj, rid = "chat.completion", p.new_id("chatcmpl")
-        else:
-            choices = [{"index": i, "text": text, "finish_reason": finish,
-                        "logprobs": completion_logprobs(req, logprobs)}
-                       for i, (text, finish, _, logprobs) in enumerate(results)]
-            obj, rid = "text_completion", p.new_id("cmpl")
-        return {"id": rid, "object": obj, "created": int(time.time()), "model": mv.id,
-                "choices": choices, "usage": p.usage(len(ids), sum(r[2] for r in results))}
+        return answer(mv, req, results, len(ids), chat)
 
     async def _embed(self, mv: ModelVersion, req: p.EmbeddingRequest) -> dict[str, Any]:
         model = await self._model(mv)

@@ -170,7 +170,13 @@ async def complete(ctx: ServiceContext, mv: ModelVersion, req: p.SamplingFields,
                            "and was stopped; ask for fewer max_tokens or choices, or stream the response",
                            code="timeout") from None
         raise
-    prompt_tokens = opened[0][1]
+    return answer(mv, req, results, opened[0][1], chat)
+
+
+def answer(mv: ModelVersion, req: p.SamplingFields, results: list[tuple[str, str, int, list[Any]]],
+           prompt_tokens: int, chat: bool) -> dict[str, Any]:
+    """The chat.completion / text_completion body from each choice's (text, finish, tokens,
+    logprobs): one shape for the online route and the Batch API's workers."""
     completion_tokens = sum(r[2] for r in results)
     if chat:
         choices = []
