@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from maas_ray.registry import ModelNotFound, ModelVersion
+from maas_ray.registry.checkpoints import CheckpointNotKept
 
 DEFAULT_TENANT = "default"  # the one tenant of a service without API keys
 
@@ -42,9 +43,14 @@ def model_not_found(model_id: str) -> ModelNotFound:
 def resolve_model(lookup: Callable[[str], ModelVersion], model_id: str, tenant: str) -> ModelVersion:
     """``lookup(model_id)`` (``Registry.get`` or a cached equivalent) if ``tenant`` may use
     the model; else :func:`model_not_found`, also when the lookup found nothing, so its
-    message (which may list versions) never reaches a tenant."""
+    message (which may list versions) never reaches a tenant. The exception: a checkpoint
+    step the job did not keep, told to the model's own tenant (which steps were kept)."""
     try:
         mv = lookup(model_id)
+    except CheckpointNotKept as err:
+        if visible_to(err.card, tenant):
+            raise ModelNotFound(str(err)) from None
+        raise model_not_found(model_id) from None
     except ModelNotFound:
         raise model_not_found(model_id) from None
     if not visible_to(mv.card, tenant):

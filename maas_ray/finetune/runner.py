@@ -213,6 +213,8 @@ def _join_cluster(attempts: int = 4) -> None:
 def _publish(registry: Registry, name: str, result: Any, spec: FineTuneSpec, base: Any,
              job_id: str, seed: int, started: float, tenant: str) -> Any:
     from maas_ray.registry.card_page import write_card_assets
+    from maas_ray.registry.checkpoints import describe
+    from maas_ray.train.finetune_loop import SCAFFOLD
 
     lora = spec.method == "lora"
     task = "chat" if base.task == "chat" else "text-classification"
@@ -238,6 +240,8 @@ def _publish(registry: Registry, name: str, result: Any, spec: FineTuneSpec, bas
     }
     if lora:
         card["lora"] = spec.lora.model_dump()
+    # Each kept checkpoint is servable as {name}:ckpt-step-{N} (maas_ray.registry.checkpoints).
+    card["checkpoints"] = describe(result.checkpoints, SCAFFOLD)
     if spec.dpo:
         card["dpo"] = spec.dpo.model_dump()
     if task == "text-classification":

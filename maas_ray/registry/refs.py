@@ -1,8 +1,10 @@
 """Model ids as users write them: ``name`` (latest) or ``name:version``.
 
-Fine-tuned chat models follow OpenAI's ``ft:{base}:{suffix}:{job_id}``; their
-colons are part of the name, so a version is only the last ``:`` part when it
-is all ASCII digits (at most 18: it fits a signed 64-bit integer).
+Fine-tuned chat models follow OpenAI's ``ft:{base}:{suffix}:{job_id}``, and a
+checkpoint the job kept ``ft:{base}:{suffix}:{job_id}:ckpt-step-{N}`` (OpenAI's
+``fine_tuned_model_checkpoint``); their colons are part of the name, so a version
+is only the last ``:`` part when it is all ASCII digits (at most 18: it fits a
+signed 64-bit integer).
 
 Every pattern here is matched whole (``fullmatch``): ``$`` would also match before
 a trailing newline, and ``str.isdigit`` accepts digits such as ``²`` that ``int``
@@ -17,8 +19,10 @@ from dataclasses import dataclass
 # Letters, digits, '.', '_', '-'; must not start with '.' so no name can walk out
 # of the models folder ('..') or hide as a temp folder.
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-_NAME_RE = re.compile(rf"ft:{_PART}:{_PART}:{_PART}|{_PART}")
 _VERSION_RE = re.compile(r"[0-9]{1,18}")
+CHECKPOINT = ":ckpt-step-"
+_CHECKPOINT_RE = re.compile(rf"(ft:{_PART}:{_PART}:{_PART}){CHECKPOINT}({_VERSION_RE.pattern})")
+_NAME_RE = re.compile(rf"{_CHECKPOINT_RE.pattern}|ft:{_PART}:{_PART}:{_PART}|{_PART}")
 
 
 class InvalidModelName(ValueError):
@@ -35,9 +39,20 @@ def validate_name(name: str) -> str:
     if not _NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidModelName(
             f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' "
-            "(at most 128, not starting with '.'), or 'ft:{base}:{suffix}:{job_id}'"
+            "(at most 128, not starting with '.'), or 'ft:{base}:{suffix}:{job_id}' "
+            "(a checkpoint: 'ft:{base}:{suffix}:{job_id}:ckpt-step-{N}')"
         )
     return name
+
+
+def checkpoint_of(name: str) -> tuple[str, int] | None:
+    """``(fine-tuned model name, step)`` of a checkpoint's name, else None."""
+    match = _CHECKPOINT_RE.fullmatch(name)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def checkpoint_name(model: str, step: int) -> str:
+    return f"{model}{CHECKPOINT}{step}"
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from maas_ray import storage
-from maas_ray.registry.refs import ModelRef, is_version, validate_name
+from maas_ray.registry.refs import (InvalidModelName, ModelRef, checkpoint_of, is_version,
+                                   validate_name)
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,14 @@ class Registry:
         return sorted(out)
 
     def versions(self, name: str) -> list[int]:
-        """Complete versions of ``name``, ascending."""
+        """Complete versions of ``name``, ascending (of a checkpoint's name: its model's
+        versions that kept that step)."""
         validate_name(name)
+        if (ckpt := checkpoint_of(name)) is not None:
+            from maas_ray.registry.checkpoints import kept_steps
+
+            return [v for v in self.versions(ckpt[0])
+                    if ckpt[1] in kept_steps(self.get(ModelRef(ckpt[0], v)).card)]
         found = []
         for info in self._ls(f"{self._base}/{name}"):
             if info.type == pafs.FileType.Directory and is_version(info.base_name):
@@ -100,8 +107,14 @@ class Registry:
         return sorted(found)
 
     def get(self, ref: ModelRef | str) -> ModelVersion:
-        """Resolve ``name`` (latest) or ``name:version``; raise :class:`ModelNotFound`."""
+        """Resolve ``name`` (latest) or ``name:version``; raise :class:`ModelNotFound`.
+        A checkpoint's name resolves through its model's card
+        (:mod:`maas_ray.registry.checkpoints`)."""
         ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
+        if (ckpt := checkpoint_of(ref.name)) is not None:
+            from maas_ray.registry.checkpoints import checkpoint_version
+
+            return checkpoint_version(self.get(ModelRef(ckpt[0], ref.version)), ckpt[1])
         versions = self.versions(ref.name)
         if not versions:
             raise ModelNotFound(f"model {ref.name!r} does not exist")
@@ -123,8 +136,9 @@ class Registry:
         """
         if not self._local:
             return None
+        ckpt = checkpoint_of(name)  # a checkpoint changes with its model's card
         try:
-            return os.stat(Path(self._base) / validate_name(name)).st_mtime_ns
+            return os.stat(Path(self._base) / validate_name(ckpt[0] if ckpt else name)).st_mtime_ns
         except FileNotFoundError:
             return None
 
@@ -221,6 +235,9 @@ class Registry:
     def remove(self, ref: ModelRef | str) -> list[ModelVersion]:
         """Remove one version (``name:version``) or every version (``name``)."""
         ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
+        if checkpoint_of(ref.name) is not None:
+            raise InvalidModelName(f"{ref} is a checkpoint of a fine-tuned model: it is removed "
+                                   "with that model")
         targets = [self.get(ref)] if ref.version is not None else [
             self.get(ModelRef(ref.name, v)) for v in self.versions(ref.name)
         ]

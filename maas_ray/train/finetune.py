@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from maas_ray import storage
 from maas_ray.config.finetune import FineTuneSpec
 from maas_ray.registry import ModelVersion
@@ -159,7 +161,11 @@ def run_finetune(
         raise RuntimeError(f"fine-tuning run {run_name} finished without a checkpoint")
     history = [e for e in events if e.get("epoch_end")]
     steps = [e for e in events if not e.get("epoch_end")]
-    checkpoints = [{"uri": ckpt.path, **metrics} for ckpt, metrics in (result.best_checkpoints or [])]
+    # Ray names a checkpoint by its path inside the run's filesystem: on an object store
+    # that path lacks the scheme that makes it a storage URI again.
+    scheme = "" if storage.is_local(root) else root.split("://", 1)[0] + "://"
+    checkpoints = [{"uri": scheme + ckpt.path, **metrics}
+                   for ckpt, metrics in (result.best_checkpoints or [])]
     with result.checkpoint.as_directory() as folder:
         out_dir.mkdir(parents=True, exist_ok=True)
         for item in Path(folder).iterdir():
@@ -168,6 +174,10 @@ def run_finetune(
     for name in _KEEP_FROM_BASE:
         if (base_dir / name).is_file():
             shutil.copy2(base_dir / name, out_dir / name)
+            for ckpt in checkpoints:  # kept checkpoints are served as models too
+                fs, path = storage.filesystem(ckpt["uri"])
+                pafs.copy_files(str(base_dir / name), f"{path}/{name}",
+                                source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     last = history[-1] if history else {}
     metrics = {k: v for k, v in last.items()
                if k in ("train_loss", "valid_loss", "valid_accuracy", "step")}

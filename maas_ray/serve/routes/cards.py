@@ -55,16 +55,16 @@ _LOCATION = re.compile(r"^(?:/|~|[A-Za-z]:[\\/]|\\\\|[A-Za-z][A-Za-z0-9+.-]*://)
 
 
 def public_card(card: dict[str, Any]) -> dict[str, Any]:
-    """``card`` without its file checksums and without any value that names a place on the
-    server, at any depth (a key whose value is one is dropped)."""
+    """``card`` without file checksums (its own, its checkpoints') and without any value
+    that names a place on the server, at any depth (a key whose value is one is dropped)."""
     def clean(value: Any) -> Any:
         if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items() if not _is_location(v)}
+            return {k: clean(v) for k, v in value.items() if not _is_location(v) and k != "files"}
         if isinstance(value, list):
             return [clean(v) for v in value if not _is_location(v)]
         return value
 
-    return clean({k: v for k, v in card.items() if k != "files"})
+    return clean(card)
 
 
 def _is_location(value: Any) -> bool:

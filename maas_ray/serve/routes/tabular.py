@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from maas_ray.serve.calls import check_rows, classify_texts, predict_rows
 from maas_ray.registry import ModelNotFound
+from maas_ray.registry.checkpoints import checkpoint_version, kept_steps
+from maas_ray.registry.refs import checkpoint_name
 from maas_ray.serve.context import get_context
 from maas_ray.serve.errors import APIError, documented
 
@@ -67,6 +69,12 @@ async def list_models() -> ModelList:
         data.append(ModelCard(id=name, created=int(mv.card.get("created_at", time.time())),
                               owned_by=str(mv.card.get("owned_by", "maas")), task=mv.task,
                               version=mv.version, versions=versions, engine=ctx.engines.get(mv.id)))
+        for step in kept_steps(mv.card):  # a fine-tune's kept checkpoints, servable by id
+            ckpt = checkpoint_version(mv, step)
+            data.append(ModelCard(id=checkpoint_name(name, step), created=data[-1].created,
+                                  owned_by=data[-1].owned_by, task=mv.task, version=mv.version,
+                                  versions=ctx.registry.versions(ckpt.name),
+                                  engine=ctx.engines.get(ckpt.id)))
     return ModelList(data=data)
 
 
