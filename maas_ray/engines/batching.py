@@ -39,6 +39,7 @@ from maas_ray.engines.detokenize import TextStream
 from maas_ray.engines.engine import (EngineClosed, FinishReason, GenerationChunk,
                                        GenerationEngine, RequestTimeout, SamplingParams, TokenLogprob)
 from maas_ray.engines.logprobs import TokenPieces, token_logprob
+from maas_ray.engines.prefix_cache import PrefixCache
 from maas_ray.engines.tool_format import for_template
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,10 @@ class BatchingEngine(GenerationEngine):
         self._closed = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self.prefix_cache: PrefixCache[Any] = PrefixCache(0, "tokens")
+        """Finished requests' KV reused by later prompts (:mod:`.prefix_cache`); backends that
+        support it replace this disabled one in ``__init__``. Scheduler thread only."""
+        self._resets: list[threading.Event] = []  # reset_prefix_cache() calls waiting for the scheduler
 
     def _start(self, name: str) -> None:
         """Run ``_load`` then the scheduling loop on a new thread; re-raise a load error."""
@@ -257,6 +262,21 @@ class BatchingEngine(GenerationEngine):
             counts = {"running": len(self._running), "waiting": len(self._waiting)}
         return counts | self._scheduler_stats()
 
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """Prefix cache figures: entries, size, hits, prompt tokens reused, evictions."""
+        return self.prefix_cache.stats()
+
+    def reset_prefix_cache(self, timeout_s: float = 30.0) -> None:
+        """Drop every cached prefix (as vLLM's ``reset_prefix_cache``); the scheduler
+        thread does it between two steps, and this returns once it has."""
+        done = threading.Event()
+        with self._lock:
+            self._resets.append(done)
+        self._wake.set()
+        deadline = time.monotonic() + timeout_s
+        while not done.wait(0.05) and not self._closed.is_set() and time.monotonic() < deadline:
+            pass
+
     def close(self) -> None:
         if self._closed.is_set():
             return
@@ -289,6 +309,7 @@ class BatchingEngine(GenerationEngine):
                     # arrives after this line sets it again, so the wait below
                     # returns at once instead of sleeping on it.
                     self._wake.clear()
+                    self._reset_if_asked()
                     self._drop_cancelled()
                     self._expire()
                     self._admit()
@@ -316,6 +337,14 @@ class BatchingEngine(GenerationEngine):
         for seq in seqs:
             seq.done = True
             seq.send(err)
+
+    def _reset_if_asked(self) -> None:
+        with self._lock:
+            resets, self._resets = self._resets, []
+        if resets:
+            self.prefix_cache.clear()
+            for done in resets:
+                done.set()
 
     def _drop_cancelled(self) -> None:
         with self._lock:

@@ -36,6 +36,19 @@ tokens depend on what else runs, and both are avoided:
   last two reorder; outputs can then differ from a lone run where two logits
   are nearly tied.
 
+Prefix caching (:mod:`.prefix_cache`). A request that finishes hands its cells
+(prompt and completion) to one of ``PREFIX_SEQ_IDS`` more spare sequence ids
+instead of retiring them: re-tagged, no copy, no hole. A later prompt that
+shares at least ``MIN_REUSE_TOKENS`` leading tokens with such an entry has the
+common cells tagged with its own sequence id too (``seq_cp`` over positions
+``[0, n)``: shared, not copied) and prefills from position ``n``. The cells hold
+what a fresh prefill would write (same tokens and positions, row-independent
+kernels: the batch self-check below checks that), and the prompt's cells keep
+their order, so greedy output equals the uncached run's unless evictions left
+holes that later cells filled (as above). Entries hold at most
+``prefix_cache_cells`` cells in all, least recently used going first; they also
+go, oldest first, when a new request needs the room.
+
 Weights stay in llama.cpp's plain CPU buffers. Its "extra" buffer types
 (AMX tiles on Intel Xeons, repacked Q4_0/Q4_K layouts) run one-row matmuls
 with other kernels than many-row ones; on AMX CPUs that made batched greedy
@@ -71,8 +84,14 @@ import numpy as np
 
 from maas_ray.engines.batch_check import BatchCheck
 from maas_ray.engines.batching import BatchingEngine, Request
+from maas_ray.engines.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
+
+PREFIX_SEQ_IDS = 8
+"""Sequence ids set aside for prefix-cache entries (so at most this many entries); llama.cpp
+allows 64 ids per context in all, the running slots and the retired cells' id included."""
+_MAX_SEQ_IDS = 64
 
 from maas_ray.engines.llamacpp_lib import (  # noqa: F401 - re-exported
     INSTALL_HINT, LlamaCppUnavailable, llama_cpp_available, load_llama_cpp,
@@ -104,13 +123,16 @@ class LlamaCppEngine(BatchingEngine):
     a time). ``self_check=False`` skips the load-time batch check (~1 s).
     ``max_request_share``: the most of the slots and KV cells one client
     request may hold while it runs anything (its first sequence always starts).
+    ``prefix_cache_cells``: the most KV cells finished requests may keep for reuse by
+    prompts that start alike (see the module doc; 0 turns prefix caching off); they
+    count against ``kv_cells`` and give way to new requests that need the room.
     """
 
     def __init__(self, gguf_path: Path | str, tokenizer_dir: Path | str | None = None,
                  max_batch_size: int = 16, prefill_tokens_per_step: int = 512,
                  kv_cells: int = 16384, n_threads: int | None = None, flash_attn: bool = True,
                  retired_cells_max: int = 2048, self_check: bool = True,
-                 max_request_share: float = 0.5) -> None:
+                 max_request_share: float = 0.5, prefix_cache_cells: int = 4096) -> None:
         super().__init__(max_batch_size, max_request_share)
         self._lib = load_llama_cpp()
         self.gguf_path = Path(gguf_path)
@@ -128,6 +150,11 @@ class LlamaCppEngine(BatchingEngine):
         self._hf_eos = hf_eos
         self._free_ids = list(range(max_batch_size))
         self._retired_id = max_batch_size  # the spare sequence id finished cells move to
+        n_cache_ids = max(0, min(PREFIX_SEQ_IDS, _MAX_SEQ_IDS - max_batch_size - 1))
+        self._cache_ids = list(range(max_batch_size + 1, max_batch_size + 1 + n_cache_ids))  # free ones
+        self._n_seq = max_batch_size + 1 + n_cache_ids
+        self.prefix_cache: PrefixCache[int] = PrefixCache(prefix_cache_cells if n_cache_ids else 0, "cells",
+                                                          free=self._forget_entry)
         self._retired = 0  # cells tagged with it
         self._reserved = 0  # KV cells promised to admitted requests
         self._kv_used = 0  # cells of running sequences, as llama.cpp last reported them
@@ -146,7 +173,7 @@ class LlamaCppEngine(BatchingEngine):
         self.max_batch_tokens = self.prefill_tokens_per_step + self.max_batch_size
         cparams.n_ctx = self.kv_cells
         cparams.n_batch = cparams.n_ubatch = self.max_batch_tokens  # one step = one graph
-        cparams.n_seq_max = self.max_batch_size + 1  # + the retired cells' id
+        cparams.n_seq_max = self._n_seq  # + the retired cells' id and the prefix cache's
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
         cparams.no_perf = True
         cparams.flash_attn = self.flash_attn
@@ -224,13 +251,19 @@ class LlamaCppEngine(BatchingEngine):
                 if not self._free_ids or (seq := self._next_waiting()) is None:
                     return
                 need = self._need(seq)
-                if self._reserved + self._retired + need > self.kv_cells:
+                if self._reserved + self._retired + self.prefix_cache.used + need > self.kv_cells:
                     if self._retired:
                         self._free_retired()
                         continue
+                    if self.prefix_cache.evict_lru():
+                        continue
                     return  # the fairest request waits until running ones give cells back
                 self._waiting.remove(seq)
-                seq.state = _Slot(self._free_ids.pop(), need, sampler=self._sampler(seq))
+                seq.state = slot = _Slot(self._free_ids.pop(), need, sampler=self._sampler(seq))
+                if hit := self.prefix_cache.lookup(seq.prompt):  # its cells, shared: prefill the rest
+                    self._kv.share(hit.entry.value, slot.seq_id, hit.n)
+                    slot.n_past = hit.n
+                    self.prefix_cache.use(hit)
                 self._reserved += need
                 self._running.append(seq)  # visible to stats() while it prefills
 
@@ -316,8 +349,9 @@ class LlamaCppEngine(BatchingEngine):
             self._running = [s for i, s in enumerate(self._running) if i not in rows]
         for seq in leaving:
             slot: _Slot = seq.state
-            self._kv.retag(slot.seq_id, self._retired_id)  # no hole (see the module doc)
-            self._retired += slot.n_past
+            if not self._keep_prefix(seq):
+                self._kv.retag(slot.seq_id, self._retired_id)  # no hole (see the module doc)
+                self._retired += slot.n_past
             if slot.sampler is not None:
                 self._lib.llama_sampler_free(slot.sampler)
                 slot.sampler = None
@@ -327,6 +361,26 @@ class LlamaCppEngine(BatchingEngine):
         self._kv_used = self._kv.used(self.max_batch_size)
         if not self._running or self._retired > max(self._kv_used, self.retired_cells_max):
             self._free_retired()
+
+    def _keep_prefix(self, seq: Request) -> bool:
+        """Hand a finished request's cells to a prefix-cache entry; False if they are not kept
+        (too few, already cached, over the bound). Cancelled, timed-out and failed requests
+        keep nothing: a failed decode may have left their cells half-written."""
+        slot: _Slot = seq.state
+        tokens = (seq.prompt + seq.generated)[:slot.n_past]  # the last sampled token was never fed
+        if not seq.done or not self.prefix_cache.wants(tokens, slot.n_past):
+            return False
+        if not self._cache_ids:
+            self.prefix_cache.evict_lru()  # gives its sequence id back
+        cache_id = self._cache_ids.pop()
+        self._kv.retag(slot.seq_id, cache_id)
+        self.prefix_cache.put(tokens, cache_id, slot.n_past)
+        return True
+
+    def _forget_entry(self, cache_id: int) -> None:
+        """Free a prefix-cache entry's cells (those no running sequence shares) and its id."""
+        self._kv.forget(cache_id)
+        self._cache_ids.append(cache_id)
 
     def _free_retired(self) -> None:
         self._kv.forget(self._retired_id)
@@ -351,11 +405,16 @@ class _KVCache:
     def retag(self, seq_id: int, to: int) -> None:
         """Move ``seq_id``'s cells to sequence ``to``: tags only, the cells stay
         occupied (a cell is freed only when no sequence is left on it)."""
-        if self._mem is not None:
-            self._lib.llama_memory_seq_cp(self._mem, seq_id, to, -1, -1)
-        else:
-            self._lib.llama_kv_self_seq_cp(self._ctx, seq_id, to, -1, -1)
+        self.share(seq_id, to, -1)
         self.forget(seq_id)
+
+    def share(self, seq_id: int, to: int, n: int) -> None:
+        """Tag ``seq_id``'s cells at positions ``[0, n)`` (-1: all) with ``to`` as well (no copy)."""
+        p0 = -1 if n < 0 else 0
+        if self._mem is not None:
+            self._lib.llama_memory_seq_cp(self._mem, seq_id, to, p0, n)
+        else:
+            self._lib.llama_kv_self_seq_cp(self._ctx, seq_id, to, p0, n)
 
     def used(self, n_seq: int) -> int:
         """Cells holding a token of any sequence ``0..n_seq-1`` (positions are 0-based and dense)."""
