@@ -50,7 +50,8 @@ def world(auth_url: str, keys, maas_home: str):
 
     base = f"leak-{secrets.token_hex(4)}"  # its own metric label: ft:{base}; never contains a tenant name
     hidden = f"ft:{base}:secret:ftjob-{secrets.token_hex(12)}"
-    card = {"task": "chat", "tenant": TENANT_A, "owned_by": TENANT_A, "base_model": CHAT}
+    card = {"task": "chat", "tenant": TENANT_A, "owned_by": TENANT_A, "base_model": CHAT,
+            "checkpoints": [{"step": 2, "uri": f"{maas_home}/runs/none/checkpoint_2", "files": {}}]}
     for _ in range(2):
         _publish(maas_home, hidden, card)
     a, b = (bearer(keys.create(t, rate="1000/min")[1]) for t in (TENANT_A, TENANT_B))
@@ -118,6 +119,24 @@ def test_another_tenants_model_answers_as_one_that_never_existed(auth_url: str, 
         for method, path, body in MODEL_ROUTES:
             r = _same_answer(c, auth_url, method, path, hidden, never, body, world["b"])
             assert "[1, 2]" not in r.text and TENANT_A not in r.text, r.text
+
+
+def test_another_tenants_checkpoint_answers_as_one_that_never_existed(auth_url: str, world) -> None:
+    """A's job kept step 2 (issue 17, item 6): A lists and reads it, and is told which steps
+    were kept when it asks for another; B gets what an id that never existed gets."""
+    hidden, never = world["hidden"], world["unknown"][world["hidden"]]
+    with httpx.Client(timeout=60) as c:
+        listed = {who: [m["id"] for m in c.get(f"{auth_url}/v1/models", headers=world[who]).json()["data"]]
+                  for who in ("a", "b")}
+        assert f"{hidden}:ckpt-step-2" in listed["a"] and not [m for m in listed["b"] if hidden in m]
+        r = c.get(f"{auth_url}/v1/models/{hidden}:ckpt-step-2", headers=world["a"])
+        assert r.status_code == 200 and r.json()["versions"] == [1, 2], r.text
+        r = c.get(f"{auth_url}/v1/models/{hidden}:ckpt-step-3", headers=world["a"])
+        assert r.status_code == 404 and "kept no checkpoint at step 3 (kept steps: 2)" in r.text, r.text
+        for step in (2, 3):
+            for method, path, body in MODEL_ROUTES:
+                _same_answer(c, auth_url, method, path, f"{hidden}:ckpt-step-{step}",
+                             f"{never}:ckpt-step-{step}", body, world["b"])
 
 
 def test_another_tenants_files_and_jobs_answer_as_ones_that_never_existed(auth_url: str, world) -> None:

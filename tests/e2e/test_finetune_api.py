@@ -8,6 +8,7 @@ runs the Serve app is deleted and deployed again, and the job must not notice.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -98,6 +99,19 @@ def test_upload_finetune_and_chat_survives_an_app_restart(client: openai.OpenAI,
     assert ray_jobs.get_job_status(f"maas-{job.id}") == JobStatus.SUCCEEDED
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in checkpoints] == [4, 2]
+    # Each kept checkpoint is a model of its own (issue 17, item 6): listed, and served by id.
+    ids = [c.fine_tuned_model_checkpoint for c in checkpoints]
+    assert ids == [f"{job.fine_tuned_model}:ckpt-step-{n}" for n in (4, 2)]
+    assert set(ids) <= {m.id for m in client.models.list().data}
+    question = [{"role": "user", "content": "What is the capital of Zorbex?"}]
+    answers = {i: client.chat.completions.create(model=i, messages=question, temperature=0, max_tokens=24)
+               for i in ids}
+    assert answers[ids[1]].model == f"{ids[1]}:1" and answers[ids[1]].usage.completion_tokens > 0
+    # The last checkpoint holds the published weights: greedy decoding, one request at a time
+    # on the same engine (transformers, fp32), answers as the model did.
+    assert answers[ids[0]].choices[0].message.content == result["after"]
+    with pytest.raises(openai.NotFoundError, match=r"kept no checkpoint at step 3 \(kept steps: 2, 4\)"):
+        client.models.retrieve(f"{job.fine_tuned_model}:ckpt-step-3")
     listed = client.fine_tuning.jobs.list(limit=5).data
     assert listed[0].id == job.id and listed[0].status == "succeeded"
 
@@ -179,3 +193,31 @@ def test_files_api(client: openai.OpenAI, serve_url: str) -> None:
         assert r.status_code == 200, r.text
         r = http.post("/v1/files", files={"file": ("x.jsonl", b"{}\n")})
         assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
+
+
+def test_a_dpo_job_through_the_openai_sdk(client: openai.OpenAI, maas_home: str, tmp_path: Path) -> None:
+    """Issue 17: OpenAI's preference method end to end, kept small (8 pairs, 2 LoRA steps): the
+    job trains DPO, reports it as OpenAI does, and publishes a model that chats."""
+    pairs = (DATA / "preference.jsonl").read_text().splitlines()[:8]
+    tiny = tmp_path / "preference8.jsonl"
+    tiny.write_text("\n".join(pairs) + "\n")
+    job = client.fine_tuning.jobs.create(
+        model=BASE, training_file=upload(client, tiny), suffix="dpo", seed=0,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "n_epochs": 1, "batch_size": 4},
+                                       "lora": {"r": 4}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.1
+    job = wait_for(client, job.id, ("succeeded", "failed", "cancelled"), timeout=600)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:{BASE}:dpo:{job.id}"
+    steps = sorted((e.data["step"], e.data["train_loss"]) for e in
+                   client.fine_tuning.jobs.list_events(job.id, limit=100).data if e.message.startswith("Step "))
+    # A fresh adapter (LoRA's B starts at zero) is the reference model itself: every margin is
+    # 0, so the first step's DPO loss is -log(sigmoid(0)) = ln 2, whatever the data.
+    assert [s for s, _ in steps] == [1, 2] and abs(steps[0][1] - math.log(2)) < 1e-3, steps
+    from maas_ray.registry import Registry
+
+    card = Registry(maas_home).get(job.fine_tuned_model).card
+    assert card["dpo"] == {"beta": 0.1} and card["format"] == "peft-lora"
+    reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=4, temperature=0,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert reply.choices[0].message.content and reply.model == f"{job.fine_tuned_model}:1"
