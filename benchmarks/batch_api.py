@@ -8,8 +8,9 @@ greedy chat requests (distinct prompts, ``max_tokens`` each) are answered (a) on
 (``/v1/batches``: Ray Data actors of their own, ``AppArgs.batches``). Prints completion
 tokens/s of each and their ratio; for the batch both end to end (create → completed, which
 includes the Ray job's start and the actor loading the model) and while in progress. Writes
-benchmarks/results/batch_api.json. Run it where nothing else loads the CPUs, or read the
-ratio only (the load average is printed beside it).
+benchmarks/results/batch_api.json with the command, ``uptime`` before and after, and the
+1-minute load average sampled every 5 s through each side (min/mean/max). Run it where
+nothing else loads the CPUs, or read the ratio only.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +88,37 @@ def batch(url: str, n: int, max_tokens: int) -> dict:
             "in_progress_tokens_per_s": round(tokens / (end - (running_at or start)), 2)}
 
 
+class LoadSampler:
+    """The 1-minute load average every few seconds while a side runs: on a shared machine
+    the ratio means little without it."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.every_s, self.samples = every_s, [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    def span(self) -> dict[str, float]:
+        return {"min": round(min(self.samples), 1), "mean": round(sum(self.samples) / len(self.samples), 1),
+                "max": round(max(self.samples), 1)}
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000)
@@ -114,17 +149,23 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"storage": root, "llm": {"engine": args.engine}}), name="maas", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        load_before = os.getloadavg()[0]
-        a = asyncio.run(online(url, args.online_requests or args.requests, args.max_tokens, args.streams))
-        b = batch(url, args.requests, args.max_tokens)
-        load_after = os.getloadavg()[0]
+        uptime_before = _uptime()
+        with LoadSampler() as load_online:
+            a = asyncio.run(online(url, args.online_requests or args.requests, args.max_tokens, args.streams))
+        with LoadSampler() as load_batch:
+            b = batch(url, args.requests, args.max_tokens)
+        uptime_after = _uptime()
     finally:
         serve.shutdown()
         ray.shutdown()
+    a["load_average_1min"], b["load_average_1min"] = load_online.span(), load_batch.span()
+    load_before, load_after = load_online.samples[0], load_batch.samples[-1]
     result = {"engine": args.engine, "max_tokens": args.max_tokens, "online": a, "batch": b,
               "ratio_end_to_end": round(b["tokens_per_s"] / a["tokens_per_s"], 2),
               "ratio_in_progress": round(b["in_progress_tokens_per_s"] / a["tokens_per_s"], 2),
-              "load_average": [round(load_before, 1), round(load_after, 1)], "cpus": os.cpu_count()}
+              "load_average": [round(load_before, 1), round(load_after, 1)],
+              "uptime": [uptime_before, uptime_after], "cpus": os.cpu_count(),
+              "command": "python benchmarks/batch_api.py " + " ".join(sys.argv[1:])}
     print(f"\n{'':<34}{'requests':>9}{'tokens':>9}{'wall s':>9}{'tok/s':>9}")
     print(f"{'(a) online, %d streams' % args.streams:<34}{a['requests']:>9}{a['completion_tokens']:>9}"
           f"{a['wall_s']:>9}{a['tokens_per_s']:>9}")
@@ -133,8 +174,8 @@ def main() -> None:
     print(f"{'(b) batch, while in progress':<34}{b['requests']:>9}{b['completion_tokens']:>9}"
           f"{b['in_progress_s']:>9}{b['in_progress_tokens_per_s']:>9}")
     print(f"ratio batch/online: {result['ratio_end_to_end']}x end to end, {result['ratio_in_progress']}x "
-          f"in progress (engine {args.engine}, load average {load_before:.1f} -> {load_after:.1f} "
-          f"on {os.cpu_count()} CPUs)")
+          f"in progress (engine {args.engine}, 1-minute load average online {a['load_average_1min']}, "
+          f"batch {b['load_average_1min']} on {os.cpu_count()} CPUs)")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
 
