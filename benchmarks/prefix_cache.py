@@ -90,17 +90,15 @@ def main() -> None:
     result = {"rules": args.rules, "tokens": args.tokens, "rounds": args.rounds,
               "load_average": os.getloadavg()[0], "engines": {}}
     from maas_ray.engines import TransformersEngine
+    from maas_ray.engines.llamacpp_engine import LlamaCppEngine, llama_cpp_available
 
-    with TransformersEngine(folder, max_batch_size=4) as engine:
-        result["engines"]["transformers"] = bench(engine, args.rules, args.tokens, args.rounds)
-    try:
-        from maas_ray.engines import LlamaCppEngine
-
-        with LlamaCppEngine(folder / "model.gguf", tokenizer_dir=folder, max_batch_size=4,
-                            self_check=False) as engine:
-            result["engines"]["llama.cpp"] = bench(engine, args.rules, args.tokens, args.rounds)
-    except ImportError:
-        pass  # llama.cpp engine not installed
+    makers = {"transformers": lambda: TransformersEngine(folder, max_batch_size=4)}
+    if llama_cpp_available():
+        makers["llama.cpp"] = lambda: LlamaCppEngine(folder / "model.gguf", tokenizer_dir=folder,
+                                                     max_batch_size=4, self_check=False)
+    for name, make in makers.items():
+        with make() as engine:
+            result["engines"][name] = bench(engine, args.rules, args.tokens, args.rounds)
     result["load_average_after"] = os.getloadavg()[0]
     for name, row in result["engines"].items():
         ms = row["ttft_ms"]
