@@ -19,6 +19,7 @@ import asyncio
 import base64
 import json
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -111,38 +112,16 @@ class BatchWorker:
         return await asyncio.to_thread(loader, path)
 
     async def _complete(self, mv: ModelVersion, req: Any, chat: bool) -> dict[str, Any]:
-        from maas_ray.engines import SamplingParams
-        from maas_ray.serve.llm_server import (DEFAULT_MAX_TOKENS, MAX_STOP_CHARS, PromptTooLong,
-                                               tokenize, wire_logprobs)
+        from maas_ray.serve.llm_server import admit, wire_logprobs
         from maas_ray.serve.openai.serving import answer
 
         engine = await self._model(mv)
         prompt: Any = [m.prompt() for m in req.messages] if chat else req.prompt_text()
-        param = "messages" if chat else "prompt"
-        stops = req.stop_list()
-        if any(len(s) > MAX_STOP_CHARS for s in stops):
-            raise APIError(400, f"stop strings may have at most {MAX_STOP_CHARS} characters", "stop",
-                           "invalid_value")
-        try:
-            ids = await tokenize(engine, prompt)
-        except PromptTooLong as err:
-            raise APIError(400, str(err), param, "context_length_exceeded") from None
-        room = engine.context_length - len(ids)
-        max_tokens = req.new_tokens()
-        if room <= 0:
-            raise APIError(400, f"the prompt has {len(ids)} tokens; model {mv.id!r} takes at most "
-                           f"{engine.context_length - 1}", param, "context_length_exceeded")
-        if max_tokens is not None and max_tokens > room:
-            raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {len(ids)} tokens exceeds "
-                           f"the context length {engine.context_length}", "max_tokens",
-                           "context_length_exceeded")
+        ids, fitted = await admit(engine, mv.id, prompt, req.sampling_params())
         group = uuid.uuid4().hex
 
         async def choice(i: int) -> tuple[str, str, int, list[dict[str, Any]]]:
-            params = SamplingParams(max_tokens=max_tokens or min(DEFAULT_MAX_TOKENS, room),
-                                    temperature=req.temperature, top_p=req.top_p, stop=stops,
-                                    seed=None if req.seed is None else req.seed + i,
-                                    logprobs=req.logprob_count())
+            params = replace(req.sampling_params(i), max_tokens=fitted.max_tokens)
             text, finish, count, logprobs = [], "stop", 0, []
             async for chunk in engine.generate(ids, params, request_id=uuid.uuid4().hex, group=group):
                 text.append(chunk.text)

@@ -27,8 +27,10 @@ FinishReason = Literal["stop", "length"]
 class SamplingParams:
     """Per-request decoding settings. Plain data: the HTTP layer validates them."""
 
-    max_tokens: int
-    """Completion tokens to generate at most (finish_reason "length")."""
+    max_tokens: int | None = None
+    """Completion tokens to generate at most (finish_reason "length"). None, as a request
+    model builds it without ``max_tokens``: as many as fit, which the server resolves from
+    the prompt's length (:func:`maas_ray.serve.llm_server.admit`) before an engine runs it."""
     temperature: float = 1.0
     """0 means greedy (argmax); otherwise logits are divided by it."""
     top_p: float = 1.0

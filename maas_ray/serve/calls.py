@@ -16,7 +16,6 @@ import numpy as np
 import ray.exceptions
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from maas_ray.auth.keys import seconds_to_midnight
 from maas_ray.auth.middleware import report_usage, tokens_left
 from maas_ray.registry import ModelVersion
 from maas_ray.serve.context import ServiceContext
@@ -84,8 +83,7 @@ async def classify_texts(ctx: ServiceContext, mv: ModelVersion, texts: list[Any]
     with replica_errors(mv, timeout):
         out = await asyncio.wait_for(handle.classify.remote(mv.id, list(texts), tokens_left()),
                                      timeout=timeout)
-    if "error" in out:  # over the API key's daily token budget: nothing was run
-        raise APIError(out.get("status", 400), out["error"], "inputs", out.get("code"),
-                       {"Retry-After": str(seconds_to_midnight())})
+    if isinstance(out, APIError):  # over the API key's daily token budget: nothing was run
+        raise out
     report_usage(out["prompt_tokens"], 0)
     return out

@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from maas_ray.auth.ledger import seconds_to_midnight
 from maas_ray.registry import Registry
 from maas_ray.serve.batcher import ContinuousBatcher
+from maas_ray.serve.errors import APIError
 from maas_ray.serve.loading import load_version
 from maas_ray.serve.metrics import observe_batch, track_ongoing
 
@@ -41,28 +43,28 @@ class EmbeddingServer:
 
     @track_ongoing("embedder")
     async def classify(self, model_id: str, texts: list[str],
-                       tokens_left: int | None = None) -> dict[str, Any]:
+                       tokens_left: int | None = None) -> dict[str, Any] | APIError:
         """Labels and probabilities, and the tokens read (metered); ``tokens_left``: the API
         key's daily budget, which the texts must fit or they are not run."""
         model = await self.get_model(model_id)
         tokens = await asyncio.to_thread(count_tokens, model, texts)
         if tokens_left is not None and tokens > tokens_left:
-            return over_budget(tokens, tokens_left)
+            return over_budget(tokens, tokens_left, "inputs")
         labels, probs = await asyncio.to_thread(model.classify, texts)
         return {"predictions": labels, "probabilities": probs, "classes": model.classes,
                 "prompt_tokens": tokens}
 
     @track_ongoing("embedder")
     async def embed(self, model_id: str, texts: list[str], dimensions: int | None,
-                    tokens_left: int | None = None) -> dict[str, Any]:
+                    tokens_left: int | None = None) -> dict[str, Any] | APIError:
         model = await self.get_model(model_id)
         if dimensions is not None and dimensions > model.dimensions:
-            return {"error": f"dimensions={dimensions} exceeds the model's {model.dimensions}",
-                    "param": "dimensions"}
+            return APIError(400, f"dimensions={dimensions} exceeds the model's {model.dimensions}",
+                            "dimensions", "invalid_value")
         if tokens_left is not None:  # counted before the forward pass, which costs far more
             tokens = await asyncio.to_thread(count_tokens, model, texts)
             if tokens > tokens_left:
-                return over_budget(tokens, tokens_left)
+                return over_budget(tokens, tokens_left, "input")
         return await self.batcher.submit((model_id, texts, dimensions))
 
     async def embed_batch(self, items: list[tuple[str, list[str], int | None]]
@@ -102,6 +104,7 @@ def count_tokens(model: Any, texts: list[str]) -> int:
     return sum(len(row) for row in ids)
 
 
-def over_budget(tokens: int, tokens_left: int) -> dict[str, Any]:
-    return {"error": f"the input has {tokens} tokens, more than the API key's daily budget has "
-                     f"left ({tokens_left})", "code": "insufficient_quota", "status": 429}
+def over_budget(tokens: int, tokens_left: int, param: str) -> APIError:
+    return APIError(429, f"the input has {tokens} tokens, more than the API key's daily budget has "
+                         f"left ({tokens_left})", param, "insufficient_quota",
+                    {"Retry-After": str(seconds_to_midnight())})

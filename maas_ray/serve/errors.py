@@ -71,7 +71,10 @@ def documented(*statuses: int, oip: bool = False) -> dict[int | str, dict[str, A
 
 
 class APIError(Exception):
-    """An error with the status and fields the client should see."""
+    """An error with the status and fields the client should see.
+
+    Model replicas return (or yield) one as a value for input their model cannot take; it
+    pickles whole across the Ray hop, and the ingress raises it."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:
@@ -79,16 +82,24 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
 
+    def __reduce__(self) -> tuple[Any, ...]:  # Exception pickles only args=(message,)
+        return APIError, (self.status, self.message, self.param, self.code, self.headers)
+
+
+def error_body(path: str, status: int, message: str, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """The error body for a route: OpenAI's on ``/v1`` (and elsewhere), the Open Inference
+    Protocol's on ``/v2``. Every error answer is written from this, routes and middleware."""
+    if path.startswith("/v2"):
+        return {"error": message}
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
+
 
 def error_response(request: Request, err: APIError) -> JSONResponse:
     # Under a route prefix (a RayService route_prefix, a second app) the path carries it.
     path = request.url.path.removeprefix(request.scope.get("root_path", "") or "")
-    if path.startswith("/v2"):
-        body: dict = {"error": err.message}
-    else:
-        body = {"error": {"message": err.message, "type": error_type(err.status),
-                          "param": err.param, "code": err.code}}
-    return JSONResponse(body, status_code=err.status, headers=err.headers)
+    return JSONResponse(error_body(path, err.status, err.message, err.param, err.code),
+                        status_code=err.status, headers=err.headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -80,13 +80,9 @@ async def send_error(scope: Scope, send: Any, status: int, message: str, code: s
                      headers: dict[str, str] | None = None) -> None:
     """An error answer from middleware: OpenAI's body on /v1 (its ``type`` from the status,
     as :mod:`maas_ray.serve.errors` maps it), the Open Inference Protocol's on /v2."""
-    from maas_ray.serve.errors import error_type
+    from maas_ray.serve.errors import error_body
 
-    if route_path(scope).startswith("/v2"):
-        body: dict[str, Any] = {"error": message}
-    else:
-        body = {"error": {"message": message, "type": error_type(status), "param": None, "code": code}}
-    payload = json.dumps(body).encode()
+    payload = json.dumps(error_body(route_path(scope), status, message, None, code)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})

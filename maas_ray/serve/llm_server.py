@@ -17,20 +17,21 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ray import serve
 
+from maas_ray.auth.ledger import seconds_to_midnight
+from maas_ray.engines.engine import SamplingParams
 from maas_ray.registry import Registry
+from maas_ray.serve.errors import APIError
 from maas_ray.serve.loading import load_version
 from maas_ray.serve.metrics import meter_generation
 
 MAX_LLMS_PER_REPLICA = int(os.environ.get("MAAS_MAX_LLMS_PER_REPLICA", "2"))
 # A request without max_tokens generates at most this many (and never past the context).
 DEFAULT_MAX_TOKENS = int(os.environ.get("MAAS_DEFAULT_MAX_TOKENS", "256"))
-# The longest stop string: each request builds a matching table as long as its stops
-# (linear, but on the event loop), and no sensible stop string comes near this.
-MAX_STOP_CHARS = 4096
 
 
 @serve.deployment(
@@ -58,73 +59,34 @@ class LLMServer:
 
     @serve.multiplexed(max_num_models_per_replica=MAX_LLMS_PER_REPLICA)
     async def get_engine(self, model_id: str) -> Any:
-        from maas_ray.engines.selection import engine_loader
+        """The model's engine; :class:`APIError` 400 for a model no engine here can run."""
+        from maas_ray.engines.selection import EngineUnavailable, engine_loader
 
-        loader = engine_loader(self.registry.get(model_id), self.engines)
-        return await load_version(self.registry, model_id, loader)
+        try:
+            loader = engine_loader(self.registry.get(model_id), self.engines)
+            return await load_version(self.registry, model_id, loader)
+        except EngineUnavailable as err:
+            raise APIError(400, str(err), "model", "model_not_supported") from None
 
     @meter_generation("llm")
     async def generate(self, model_id: str, prompt: str | list[dict[str, str]],
-                       params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """First yields ``{"prompt_tokens", "engine"}`` (the engine's ``info()``) or
-        ``{"error"}``, then text deltas. ``params["tools"]``: the chat's tools, rendered
-        with the messages (:mod:`~maas_ray.engines.tool_format`). ``params["group"]`` names the client request
-        (its ``n`` choices share it, for fair admission); unless ``params["stream"]``,
-        the engine aborts the request after ``request_timeout_s`` with
-        :class:`~maas_ray.engines.engine.RequestTimeout`."""
-        from maas_ray.engines import SamplingParams
-        from maas_ray.engines.selection import EngineUnavailable
-
+                       sampling: SamplingParams, options: GenerateOptions
+                       ) -> AsyncIterator[dict[str, Any] | APIError]:
+        """First yields ``{"prompt_tokens", "engine"}`` (the engine's ``info()``) or the
+        :class:`APIError` the client gets, then text deltas. ``sampling`` comes from the
+        request model; here it gets the ``max_tokens`` that fits the prompt and, unless the
+        client streams, the engine's overall timeout."""
         try:
             engine = await self.get_engine(model_id)
-        except EngineUnavailable as err:
-            yield {"error": str(err), "param": "model", "code": "model_not_supported"}
+            ids, sampling = await admit(engine, model_id, prompt, sampling, options.tools,
+                                        options.tokens_left, options.choices)
+        except APIError as err:
+            yield err
             return
-        stops = list(params.get("stop") or [])
-        if any(len(s) > MAX_STOP_CHARS for s in stops):
-            yield {"error": f"stop strings may have at most {MAX_STOP_CHARS} characters", "param": "stop",
-                   "code": "invalid_value"}
-            return
-        try:
-            ids = await tokenize(engine, prompt, tools=params.get("tools"))
-        except PromptTooLong as err:
-            yield {"error": str(err), "param": "messages" if isinstance(prompt, list) else "prompt",
-                   "code": "context_length_exceeded"}
-            return
-        room = engine.context_length - len(ids)
-        max_tokens = params.get("max_tokens")
-        if room <= 0:
-            yield {"error": f"the prompt has {len(ids)} tokens; model {model_id!r} takes at most "
-                            f"{engine.context_length - 1}", "param": "messages",
-                   "code": "context_length_exceeded"}
-            return
-        if max_tokens is not None and max_tokens > room:
-            yield {"error": f"max_tokens={max_tokens} plus the prompt's {len(ids)} tokens exceeds "
-                            f"the context length {engine.context_length}", "param": "max_tokens",
-                   "code": "context_length_exceeded"}
-            return
-        max_tokens = max_tokens or min(DEFAULT_MAX_TOKENS, room)
-        if params.get("tokens_left") is not None:  # the key's daily budget, shared by n choices
-            share = (params["tokens_left"] - len(ids)) // max(1, params.get("choices", 1))
-            if share < 1:
-                yield {"error": f"the prompt's {len(ids)} tokens and at least one per choice exceed "
-                                f"what the API key's daily budget has left ({params['tokens_left']})",
-                       "code": "insufficient_quota", "status": 429}
-                return
-            max_tokens = min(max_tokens, share)  # cut at the budget: finish_reason "length"
-        sampling = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=params.get("temperature", 1.0),
-            top_p=params.get("top_p", 1.0),
-            stop=stops,
-            seed=params.get("seed"),
-            logprobs=params.get("logprobs"),
-            grammar=params.get("grammar"),
-            # A stream's client sees progress and can hang up; a non-streaming one cannot.
-            timeout_s=None if params.get("stream") else self.request_timeout_s,
-        )
+        # A stream's client sees progress and can hang up; a non-streaming one cannot.
+        sampling = replace(sampling, timeout_s=None if options.stream else self.request_timeout_s)
         yield {"prompt_tokens": len(ids), "engine": engine.info()}
-        chunks = engine.generate(ids, sampling, request_id=uuid.uuid4().hex, group=params.get("group"))
+        chunks = engine.generate(ids, sampling, request_id=uuid.uuid4().hex, group=options.group)
         async for chunk in paced(chunks, self.stream_interval_s):
             out = {"text": chunk.text, "finish_reason": chunk.finish_reason,
                    "completion_tokens": chunk.completion_tokens}
@@ -133,34 +95,27 @@ class LLMServer:
             yield out
 
     async def tokenize_prompt(self, model_id: str, prompt: str | list[dict[str, str]],
-                              add_generation_prompt: bool = True) -> dict[str, Any]:
-        """``/v1/tokenize``: ``{"tokens", "count", "max_model_len"}``, or ``{"error"}``."""
-        from maas_ray.engines.selection import EngineUnavailable
-
+                              add_generation_prompt: bool = True) -> dict[str, Any] | APIError:
+        """``/v1/tokenize``: ``{"tokens", "count", "max_model_len"}``, or the error."""
         try:
             engine = await self.get_engine(model_id)
             ids = await tokenize(engine, prompt, add_generation_prompt)
-        except EngineUnavailable as err:
-            return {"error": str(err), "param": "model", "code": "model_not_supported"}
-        except PromptTooLong as err:
-            return {"error": str(err), "param": "messages" if isinstance(prompt, list) else "prompt",
-                    "code": "context_length_exceeded"}
+        except APIError as err:
+            return err
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.context_length}
 
-    async def detokenize(self, model_id: str, tokens: list[int]) -> dict[str, Any]:
-        """``/v1/detokenize``: ``{"prompt"}`` (special tokens spelt out), or ``{"error"}`` for
+    async def detokenize(self, model_id: str, tokens: list[int]) -> dict[str, Any] | APIError:
+        """``/v1/detokenize``: ``{"prompt"}`` (special tokens spelt out), or the error for
         an id outside the vocabulary."""
-        from maas_ray.engines.selection import EngineUnavailable
-
         try:
             engine = await self.get_engine(model_id)
-        except EngineUnavailable as err:
-            return {"error": str(err), "param": "model", "code": "model_not_supported"}
+        except APIError as err:
+            return err
         vocab = len(engine.tokenizer)
         bad = [t for t in tokens if not 0 <= t < vocab]
         if bad:
-            return {"error": f"token ids {bad[:5]} are outside model {model_id!r}'s vocabulary "
-                             f"(0 to {vocab - 1})", "param": "tokens", "code": "invalid_value"}
+            return APIError(400, f"token ids {bad[:5]} are outside model {model_id!r}'s vocabulary "
+                                 f"(0 to {vocab - 1})", "tokens", "invalid_value")
         text = await asyncio.to_thread(engine.tokenizer.decode, tokens, skip_special_tokens=False)
         return {"prompt": text}
 
@@ -169,8 +124,56 @@ class LLMServer:
         return (await self.get_engine(model_id)).stats()
 
 
-class PromptTooLong(ValueError):
+@dataclass(frozen=True)
+class GenerateOptions:
+    """How the server runs one choice of a request, beside its :class:`SamplingParams`."""
+
+    group: str
+    """Names the client request: its ``n`` choices share it, for fair admission."""
+    stream: bool = False
+    """A streaming client sees progress and can hang up, so it gets no overall timeout."""
+    tokens_left: int | None = None
+    """The API key's daily token budget left (None: unlimited), shared by the n choices."""
+    choices: int = 1
+    tools: list[dict[str, Any]] | None = None
+    """The chat's tools, rendered with the messages (:mod:`~maas_ray.engines.tool_format`)."""
+
+
+class PromptTooLong(APIError):
     """The prompt cannot fit the model's context, whatever its tokens (it was not tokenized)."""
+
+    def __init__(self, message: str, param: str = "prompt") -> None:
+        super().__init__(400, message, param, "context_length_exceeded")
+
+
+async def admit(engine: Any, model_id: str, prompt: str | list[dict[str, Any]],
+                sampling: SamplingParams, tools: list[dict[str, Any]] | None = None,
+                tokens_left: int | None = None, choices: int = 1
+                ) -> tuple[list[int], SamplingParams]:
+    """The prompt's token ids and ``sampling`` with the ``max_tokens`` it may have: what the
+    client asked for, or as many as fit the context (at most ``DEFAULT_MAX_TOKENS``), cut at
+    its share of the API key's daily budget. :class:`APIError` (400 or 429) for a prompt
+    the model cannot take. The online server and the Batch API's workers both admit here."""
+    param = "messages" if isinstance(prompt, list) else "prompt"
+    ids = await tokenize(engine, prompt, tools=tools)
+    room = engine.context_length - len(ids)
+    max_tokens = sampling.max_tokens
+    if room <= 0:
+        raise APIError(400, f"the prompt has {len(ids)} tokens; model {model_id!r} takes at most "
+                            f"{engine.context_length - 1}", param, "context_length_exceeded")
+    if max_tokens is not None and max_tokens > room:
+        raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {len(ids)} tokens exceeds "
+                            f"the context length {engine.context_length}", "max_tokens",
+                       "context_length_exceeded")
+    max_tokens = max_tokens or min(DEFAULT_MAX_TOKENS, room)
+    if tokens_left is not None:
+        share = (tokens_left - len(ids)) // max(1, choices)
+        if share < 1:
+            raise APIError(429, f"the prompt's {len(ids)} tokens and at least one per choice exceed "
+                                f"what the API key's daily budget has left ({tokens_left})", None,
+                           "insufficient_quota", {"Retry-After": str(seconds_to_midnight())})
+        max_tokens = min(max_tokens, share)  # cut at the budget: finish_reason "length"
+    return ids, replace(sampling, max_tokens=max_tokens)
 
 
 async def tokenize(engine: Any, prompt: str | list[dict[str, Any]], add_generation_prompt: bool = True,
@@ -187,7 +190,8 @@ async def tokenize(engine: Any, prompt: str | list[dict[str, Any]], add_generati
     limit = getattr(engine, "max_prompt_chars", None)
     if limit is not None and chars > limit:
         raise PromptTooLong(f"the prompt has {chars} characters; the model's context holds "
-                            f"{engine.context_length} tokens, which no prompt over {limit} characters fits")
+                            f"{engine.context_length} tokens, which no prompt over {limit} characters fits",
+                            "prompt" if isinstance(prompt, str) else "messages")
     if isinstance(prompt, str):
         return await asyncio.to_thread(engine.encode, prompt)
     return await asyncio.to_thread(engine.apply_chat_template, prompt, add_generation_prompt, tools)

@@ -242,7 +242,7 @@ _relabel_serve_multiplexing()
 
 def meter_generation(deployment: str) -> Callable[[G], G]:
     """Decorate ``generate(self, model_id, ...)``, an async generator of dicts
-    (``{"prompt_tokens"}`` first, then ``{"completion_tokens", ...}`` chunks):
+    (``{"prompt_tokens"}`` or an error first, then ``{"completion_tokens", ...}`` chunks):
     prompt and generated tokens, time to first token, the engine's queue (read
     through ``self.stats(model_id)``) and ongoing requests."""
 
@@ -254,6 +254,9 @@ def meter_generation(deployment: str) -> Callable[[G], G]:
             _ongoing(deployment, +1)
             try:
                 async for item in fn(self, model_id, *args, **kwargs):
+                    if not isinstance(item, dict):  # the request's APIError: nothing ran
+                        yield item
+                        continue
                     if "prompt_tokens" in item:
                         metric("maas_prompt_tokens").inc(item["prompt_tokens"], tags=tags)
                     count = item.get("completion_tokens", 0)

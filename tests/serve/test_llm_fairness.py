@@ -130,7 +130,8 @@ def test_a_non_streaming_request_past_its_timeout_gets_504_and_its_choices_stop(
 
     def complete(ends: list[BaseException | None], settings: AppArgs) -> tuple[APIError, list[_Stream]]:
         streams, sent = [_Stream(end) for end in ends], []
-        generate = SimpleNamespace(remote=lambda mv_id, prompt, params: sent.append(params) or streams[len(sent) - 1])
+        generate = SimpleNamespace(
+            remote=lambda mv_id, prompt, sampling, options: sent.append(options) or streams[len(sent) - 1])
         handle = SimpleNamespace(options=lambda **_: SimpleNamespace(generate=generate))
         ctx = SimpleNamespace(handles={"llm": handle}, settings=settings, engines={})
         req = protocol.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], n=len(ends))
@@ -138,7 +139,7 @@ def test_a_non_streaming_request_past_its_timeout_gets_504_and_its_choices_stop(
         with pytest.raises(APIError) as err:
             asyncio.run(serving.complete(ctx, mv, req, [{"role": "user", "content": "hi"}], chat=True))
         # One group for the request's choices, and the server is told it is not a stream.
-        assert len({p["group"] for p in sent}) == 1 and not any(p["stream"] for p in sent)
+        assert len({o.group for o in sent}) == 1 and not any(o.stream for o in sent)
         return err.value, streams
 
     # The model server aborted choice 0 (RequestTimeout comes back through Ray as itself);

@@ -15,12 +15,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from maas_ray.engines.engine import SamplingParams
+
 logger = logging.getLogger(__name__)
 
 # Every integer has bounds here, where clients can read them in the schema: unbounded, a seed
 # of 2**70 reached torch's generator and came back as a 500.
 INT64 = 2**63
 MAX_NEW_TOKENS = 1_000_000  # far past any context we serve; the engine cuts at its own
+# The longest stop string: each request builds a matching table as long as its stops
+# (linear, but on the event loop), and no sensible stop string comes near this.
+MAX_STOP_CHARS = 4096
 MAX_DETOKENIZE_IDS = 1_000_000  # past any context; the body limit usually cuts sooner
 
 
@@ -179,10 +184,22 @@ class SamplingFields(_Request):
         stops = [v] if isinstance(v, str) else v
         if stops is not None and (len(stops) > 4 or any(not s for s in stops)):
             raise ValueError("stop takes at most 4 non-empty strings")
+        if stops is not None and any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings may have at most {MAX_STOP_CHARS} characters")
         return stops
 
     def stop_list(self) -> list[str]:
         return list(self.stop or [])  # type: ignore[arg-type]
+
+    def sampling_params(self, choice: int = 0, grammar: str | None = None) -> SamplingParams:
+        """What the engine runs for choice ``choice`` of ``n`` (seeded ``seed + choice``);
+        ``max_tokens`` None until the model server knows the prompt's length."""
+        return SamplingParams(
+            max_tokens=self.new_tokens(),  # type: ignore[attr-defined]
+            temperature=self.temperature, top_p=self.top_p, stop=self.stop_list(),
+            seed=None if self.seed is None else self.seed + choice,
+            logprobs=self.logprob_count(),  # type: ignore[attr-defined]
+            grammar=grammar)
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -1,7 +1,8 @@
 """The logic behind the OpenAI routes: prompts in, OpenAI-shaped answers out.
 
-Model deployments stream plain dicts: first ``{"prompt_tokens": n}`` (or
-``{"error": ..., "param": ...}`` for input the model cannot take, so a bad
+The request model builds each choice's frozen ``SamplingParams``; the model
+deployment streams plain dicts back: first ``{"prompt_tokens": n}`` (or the
+:class:`~maas_ray.serve.errors.APIError` for input the model cannot take, so a bad
 request fails with a 4xx before any SSE starts), then one dict per decoded
 delta ``{"text", "finish_reason", "completion_tokens"}``, with ``"logprobs"`` (one entry
 per new token, in the chat shape) when the request asked for them.
@@ -17,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from maas_ray.auth.keys import seconds_to_midnight
 from maas_ray.auth.middleware import report_usage, tokens_left
 from maas_ray.registry import ModelVersion
 from maas_ray.serve.calls import replica_errors
 from maas_ray.serve.context import ServiceContext
 from maas_ray.serve.errors import APIError
+from maas_ray.serve.llm_server import GenerateOptions
 from maas_ray.engines.constraints import GrammarError, compile_grammar, json_schema
-from maas_ray.engines.engine import RequestTimeout
+from maas_ray.engines.engine import RequestTimeout, SamplingParams
 from maas_ray.serve.openai import protocol as p
 from maas_ray.serve.openai.tools import ToolCallReader, prompt_tools, tools_grammar
 
@@ -36,25 +37,6 @@ def require_task(mv: ModelVersion, tasks: tuple[str, ...], route: str) -> None:
     if mv.task not in tasks:
         raise APIError(400, f"model {mv.id!r} is a {mv.task!r} model and cannot serve {route}",
                        "model", "model_not_supported")
-
-
-def sampling(req: p.SamplingFields, new_tokens: int | None, seed_offset: int) -> dict[str, Any]:
-    # tokens_left: the API key's daily budget; the model server refuses a prompt it cannot
-    # cover and cuts each of the n choices at its share (it alone knows the prompt's tokens).
-    return {"max_tokens": new_tokens, "temperature": req.temperature, "top_p": req.top_p,
-            "stop": req.stop_list(),
-            "seed": None if req.seed is None else req.seed + seed_offset,
-            "logprobs": req.logprob_count(),  # type: ignore[attr-defined]
-            "tokens_left": tokens_left(), "choices": req.n}
-
-
-def model_error(result: dict[str, Any]) -> APIError:
-    """A model server's ``{"error"}`` answer: 400 for input it cannot take, 429 for input
-    over the API key's daily token budget."""
-    status = int(result.get("status", 400))
-    headers = {"Retry-After": str(seconds_to_midnight())} if status == 429 else None
-    return APIError(status, result["error"], result.get("param"), result.get("code", "invalid_value"),
-                    headers)
 
 
 def uses_tools(req: p.SamplingFields) -> bool:
@@ -83,17 +65,17 @@ async def request_grammar(req: p.SamplingFields) -> str | None:
     return lark
 
 
-async def open_stream(ctx: ServiceContext, mv: ModelVersion, prompt: Any,
-                      params: dict[str, Any]) -> tuple[Any, int]:
+async def open_stream(ctx: ServiceContext, mv: ModelVersion, prompt: Any, sampling: SamplingParams,
+                      options: GenerateOptions) -> tuple[Any, int]:
     """Start one generation; return (the response stream, prompt token count)."""
     handle = ctx.handles["llm"].options(multiplexed_model_id=mv.id, stream=True)
-    stream = handle.generate.remote(mv.id, prompt, params)
+    stream = handle.generate.remote(mv.id, prompt, sampling, options)
     timeout = ctx.settings.request_timeout_s
     with replica_errors(mv, timeout):
         first = await asyncio.wait_for(stream.__anext__(), timeout=timeout)
-    if "error" in first:
+    if isinstance(first, APIError):
         stream.cancel()
-        raise model_error(first)
+        raise first
     if first.get("engine"):
         ctx.engines[mv.id] = first["engine"]
     return stream, int(first["prompt_tokens"])
@@ -103,14 +85,13 @@ async def open_all(ctx: ServiceContext, mv: ModelVersion, req: p.SamplingFields,
                    prompt: Any) -> list[tuple[Any, int]]:
     """Open the ``n`` choices' streams; if one fails, stop those already running."""
     opened: list[tuple[Any, int]] = []
-    # group: the model server admits the n choices of one request fairly against other
-    # requests; stream: only non-streaming requests get its overall timeout.
-    extra = {"group": p.new_id("req"), "stream": req.stream, "grammar": await request_grammar(req),
-             "tools": prompt_tools(req) if isinstance(req, p.ChatCompletionRequest) else None}
+    grammar = await request_grammar(req)
+    options = GenerateOptions(
+        group=p.new_id("req"), stream=req.stream, tokens_left=tokens_left(), choices=req.n,
+        tools=prompt_tools(req) if isinstance(req, p.ChatCompletionRequest) else None)
     try:
         for i in range(req.n):
-            params = {**sampling(req, req.new_tokens(), i), **extra}  # type: ignore[attr-defined]
-            opened.append(await open_stream(ctx, mv, prompt, params))
+            opened.append(await open_stream(ctx, mv, prompt, req.sampling_params(i, grammar), options))
     except BaseException:
         for stream, _ in opened:
             stream.cancel()
@@ -289,8 +270,8 @@ async def embed(ctx: ServiceContext, mv: ModelVersion, req: p.EmbeddingRequest) 
     with replica_errors(mv, timeout):
         result = await asyncio.wait_for(handle.embed.remote(mv.id, texts, req.dimensions, tokens_left()),
                                         timeout)
-    if "error" in result:
-        raise model_error(result)
+    if isinstance(result, APIError):
+        raise result
     vectors = np.asarray(result["embeddings"], dtype=np.float32)  # (N, D)
     data = []
     for i, vec in enumerate(vectors):
@@ -320,6 +301,6 @@ async def _call(ctx: ServiceContext, mv: ModelVersion, method: str, *args: Any) 
     timeout = ctx.settings.request_timeout_s
     with replica_errors(mv, timeout):
         result = await asyncio.wait_for(getattr(handle, method).remote(mv.id, *args), timeout)
-    if "error" in result:
-        raise model_error(result)
+    if isinstance(result, APIError):
+        raise result
     return result
