@@ -1,8 +1,9 @@
-"""Per-replica state the routers share: registry, settings and deployment handles.
+"""Per-replica state the routers share: settings, registry, deployment handles, the stores
+behind the files, fine-tuning and batch routes, and the API keys and their settings.
 
 Routers are plain ``APIRouter`` modules (one per API surface); the ingress
-replica fills this in at start-up and route functions read it through
-:func:`get_context`.
+replica fills this in at start-up and route functions and the edge middleware read it
+through :func:`get_context`. One object per replica, instead of module globals and caches.
 """
 
 from __future__ import annotations
@@ -10,11 +11,18 @@ from __future__ import annotations
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from maas_ray.registry import ModelRef, ModelVersion, Registry
 from maas_ray.serve.settings import AppArgs
 from maas_ray.tenancy import DEFAULT_TENANT, resolve_model
+
+if TYPE_CHECKING:
+    from maas_ray.auth.keys import KeyStore
+    from maas_ray.batches.service import BatchService
+    from maas_ray.finetune.files import FileStore
+    from maas_ray.finetune.jobs import JobService
 
 
 @dataclass
@@ -28,6 +36,29 @@ class ServiceContext:
     _cards: dict[str, ModelVersion] = field(default_factory=dict)
     # name → (folder mtime in ns, when we read it in ns, latest version)
     _latest: dict[str, tuple[int, int, ModelVersion]] = field(default_factory=dict)
+    # API keys: the store (usage ledger included), whether keys are required, and the
+    # Host allow-list; set once by the ingress (:func:`maas_ray.serve.ingress.configure_auth`).
+    keys: KeyStore | None = None
+    auth_required: bool = False
+    hosts: list[str] = field(default_factory=lambda: ["*"])
+
+    @cached_property
+    def files(self) -> FileStore:
+        from maas_ray.finetune.files import FileStore
+
+        return FileStore(self.settings.storage_root())
+
+    @cached_property
+    def jobs(self) -> JobService:
+        from maas_ray.finetune.jobs import JobService
+
+        return JobService(self.settings.storage_root())
+
+    @cached_property
+    def batches(self) -> BatchService:
+        from maas_ray.batches.service import BatchService
+
+        return BatchService(self.settings.storage_root())
 
     def resolve(self, model_id: str) -> ModelVersion:
         """The model a request may use: :meth:`resolve_any` behind the tenant check of
@@ -76,6 +107,11 @@ def set_context(ctx: ServiceContext) -> None:
 def get_context() -> ServiceContext:
     if _CONTEXT is None:
         raise RuntimeError("the maas ingress has not been initialised in this process")
+    return _CONTEXT
+
+
+def context_or_none() -> ServiceContext | None:
+    """The context, or None before the ingress has set it (middleware built, not yet run)."""
     return _CONTEXT
 
 

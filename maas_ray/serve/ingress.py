@@ -12,7 +12,8 @@ from maas_ray import __version__
 from maas_ray.registry import Registry
 from maas_ray.auth.keys import KeyStore
 from maas_ray.auth.middleware import ApiKeyAuth
-from maas_ray.serve.context import get_context, set_context, set_current_tenant
+from maas_ray.serve.context import (ServiceContext, context_or_none, get_context, set_context,
+                                     set_current_tenant)
 from maas_ray.serve.errors import install_error_handlers
 from maas_ray.serve.hosts import HostAllowList
 from maas_ray.serve.limits import BodySizeLimit, JsonDepthLimit, is_upload
@@ -32,33 +33,33 @@ def body_limit(scope: dict[str, Any]) -> int:
     return settings.max_body_bytes
 
 
-_AUTH: dict[str, Any] = {"enabled": False, "store": None, "hosts": ["*"]}
-
-
-# Named module functions, not lambdas: Serve pickles the FastAPI app, and a lambda
-# would carry its own copy of _AUTH into the replica.
+# Named module functions, not lambdas: Serve pickles the FastAPI app by value; these read
+# the replica's context at call time.
 def auth_enabled() -> bool:
-    return bool(_AUTH["enabled"])
+    ctx = context_or_none()
+    return ctx is not None and ctx.auth_required
 
 
-def key_store() -> KeyStore:
-    return _AUTH["store"]
+def key_store() -> KeyStore | None:
+    ctx = context_or_none()
+    return None if ctx is None else ctx.keys
 
 
 def allowed_hosts() -> list[str]:
-    return _AUTH["hosts"]
+    ctx = context_or_none()
+    return ["*"] if ctx is None else ctx.hosts
 
 
-def configure_auth(settings: AppArgs) -> bool:
-    """Set this replica's key store, whether keys are required and the Host allow-list (a
-    module function: the ingress class is pickled by value, so it must not write module
-    globals itself)."""
+def configure_auth(ctx: ServiceContext) -> bool:
+    """Give this replica's context its key store, whether keys are required and the Host
+    allow-list."""
+    settings = ctx.settings
     asks = settings.http_host is None and (settings.auth == "auto" or settings.allowed_hosts is None)
     serve_host = _serve_http_host() if asks else None
-    _AUTH["store"] = KeyStore(settings.storage_root())
-    _AUTH["enabled"] = settings.auth_enabled(serve_host)
-    _AUTH["hosts"] = settings.host_allow_list(serve_host)
-    return bool(_AUTH["enabled"])
+    ctx.keys = KeyStore(settings.storage_root())
+    ctx.auth_required = bool(settings.auth_enabled(serve_host))
+    ctx.hosts = settings.host_allow_list(serve_host)
+    return ctx.auth_required
 
 
 def _serve_http_host() -> str | None:
@@ -127,9 +128,10 @@ class Ingress:
     """Authenticates, validates and routes; model work happens in the handles."""
 
     def __init__(self, settings: AppArgs, **handles: Any) -> None:
-        set_context(MeteredContext(settings=settings, registry=Registry(settings.storage_root()),
-                                   handles=handles))
-        required = configure_auth(settings)
+        ctx = MeteredContext(settings=settings, registry=Registry(settings.storage_root()),
+                             handles=handles)
+        required = configure_auth(ctx)
+        set_context(ctx)
         logger.info("maas ingress ready (storage %s, API keys %s, Host allow-list %s)",
                     settings.storage_root(), "required" if required else "off", allowed_hosts())
 

@@ -9,7 +9,6 @@ write the project database. Handlers are plain ``def``: the database calls block
 from __future__ import annotations
 
 import datetime as dt
-import functools
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -24,13 +23,10 @@ from maas_ray.serve.routes.files import database_errors
 router = APIRouter(tags=["admin"], responses=documented(403))
 
 
-@functools.lru_cache(maxsize=4)
-def _store(root: str) -> KeyStore:
-    return KeyStore(root)
-
-
 def store() -> KeyStore:
-    return _store(get_context().settings.storage_root())
+    keys = get_context().keys
+    assert keys is not None, "the ingress sets the key store at start-up"
+    return keys
 
 
 def require_admin(request: Request) -> ApiKey:

@@ -6,7 +6,6 @@ The batch runs with the service's own engine choice (``AppArgs.llm``) and the
 
 from __future__ import annotations
 
-import functools
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -30,13 +29,8 @@ class CreateBatch(BaseModel):
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
 
 
-@functools.lru_cache(maxsize=4)
-def batch_service(root: str) -> BatchService:
-    return BatchService(root)
-
-
 def batches() -> BatchService:
-    return batch_service(get_context().settings.storage_root())
+    return get_context().batches
 
 
 def run_spec() -> dict[str, Any]:

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from maas_ray import db
 from maas_ray.batches.service import ACTIVE as BATCH_ACTIVE
 from maas_ray.finetune.files import FileNotFound, FileRejected, FileStore
-from maas_ray.finetune.jobs import ACTIVE, JobService
+from maas_ray.finetune.jobs import ACTIVE
 from maas_ray.serve.context import get_context, tenant_of
 from maas_ray.serve.errors import APIError, documented
 from maas_ray.serve.uploads import OPENAPI_BODY, FormUpload
@@ -28,18 +28,8 @@ from maas_ray.serve.uploads import OPENAPI_BODY, FormUpload
 router = APIRouter(tags=["files"])
 
 
-@functools.lru_cache(maxsize=4)
-def file_store(root: str) -> FileStore:
-    return FileStore(root)
-
-
-@functools.lru_cache(maxsize=4)
-def job_service(root: str) -> JobService:
-    return JobService(root)
-
-
 def files() -> FileStore:
-    return file_store(get_context().settings.storage_root())
+    return get_context().files
 
 
 def not_found(err: LookupError, param: str = "file_id") -> APIError:

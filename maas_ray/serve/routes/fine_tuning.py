@@ -20,7 +20,7 @@ from maas_ray.config.load import format_validation_error
 from maas_ray.finetune.jobs import JobConflict, JobNotFound, JobRejected
 from maas_ray.serve.context import get_context, tenant_of
 from maas_ray.serve.errors import APIError, documented
-from maas_ray.serve.routes.files import database_errors, job_service, not_found
+from maas_ray.serve.routes.files import database_errors, not_found
 
 router = APIRouter(tags=["fine-tuning"])
 # Pydantic matches patterns with Rust's regex engine, where `$` is the end of the text only.
@@ -116,7 +116,7 @@ def to_spec(body: CreateJob) -> FineTuneSpec:
 
 
 def jobs() -> Any:
-    return job_service(get_context().settings.storage_root())
+    return get_context().jobs
 
 
 @router.post("/v1/fine_tuning/jobs")
