@@ -1,5 +1,5 @@
 # make run   - set up .venv and start the service on an embedded local Ray (Ctrl-C stops it)
-# make test  - set up .venv and run the whole test suite (two lanes side by side)
+# make test  - set up .venv and run the whole test suite
 # make bench - run the side-by-side benchmarks under benchmarks/
 #
 # CPU machines install torch from constraints-cpu.txt (the CPU wheel). GPU users:
@@ -21,7 +21,7 @@ COMMA := ,
 
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install browser run test test-serial test-fast bench clean
+.PHONY: install browser run test test-fast bench clean
 
 install: $(STAMP)
 
@@ -49,12 +49,7 @@ browser:
 	    || echo "browser: apt-get install chromium failed: the browser tests will skip"; \
 	  fi; }
 
-# Two lanes side by side (tests/lanes.py): the tests on the shared in-process Ray, and the rest.
-# One process, in order: make test-serial
 test: install browser
-	$(PY) tests/lanes.py $(PYTEST_ARGS)
-
-test-serial: install browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install

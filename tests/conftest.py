@@ -23,28 +23,6 @@ os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--lane", choices=("ray", "solo"), default=None,
-        help="run only the tests that use the shared in-process Ray (ray) or only those that "
-             "do not (solo); tests/lanes.py runs both lanes at once (see `make test`)")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Split the suite into two lanes that can run side by side: a test belongs to the
-    Ray lane when it takes ``ray_session``, directly or through another fixture."""
-    lane = config.getoption("--lane")
-    if lane is None:
-        return
-    keep, drop = [], []
-    for item in items:
-        in_ray_lane = "ray_session" in getattr(item, "fixturenames", ())
-        (keep if in_ray_lane == (lane == "ray") else drop).append(item)
-    if drop:
-        config.hook.pytest_deselected(items=drop)
-        items[:] = keep
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
