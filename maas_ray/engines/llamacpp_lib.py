@@ -86,3 +86,40 @@ def plain_weight_buffers(lib: Any, mparams: Any) -> Any:
                                     _BuftOverride(None, None))
     mparams.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
     return overrides
+
+
+class KVCells:
+    """The sequence-level KV calls, through whichever API the binding has
+    (``llama_memory_*`` from llama.cpp mid-2025 on, ``llama_kv_self_*`` before)."""
+
+    def __init__(self, lib: Any, ctx: Any) -> None:
+        self._lib, self._ctx = lib, ctx
+        self._mem = lib.llama_get_memory(ctx) if hasattr(lib, "llama_memory_seq_rm") else None
+
+    def forget(self, seq_id: int) -> None:
+        """Free every cell of ``seq_id`` (removing a whole sequence never fails)."""
+        if self._mem is not None:
+            self._lib.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+        else:
+            self._lib.llama_kv_self_seq_rm(self._ctx, seq_id, -1, -1)
+
+    def retag(self, seq_id: int, to: int) -> None:
+        """Move ``seq_id``'s cells to sequence ``to``: tags only, the cells stay
+        occupied (a cell is freed only when no sequence is left on it)."""
+        self.share(seq_id, to, -1)
+        self.forget(seq_id)
+
+    def share(self, seq_id: int, to: int, n: int) -> None:
+        """Tag ``seq_id``'s cells at positions ``[0, n)`` (-1: all) with ``to`` as well (no copy)."""
+        p0 = -1 if n < 0 else 0
+        if self._mem is not None:
+            self._lib.llama_memory_seq_cp(self._mem, seq_id, to, p0, n)
+        else:
+            self._lib.llama_kv_self_seq_cp(self._ctx, seq_id, to, p0, n)
+
+    def used(self, n_seq: int) -> int:
+        """Cells holding a token of any sequence ``0..n_seq-1`` (positions are 0-based and dense)."""
+        if self._mem is not None:
+            pos_max = self._lib.llama_memory_seq_pos_max
+            return sum(pos_max(self._mem, s) + 1 for s in range(n_seq))
+        return sum(self._lib.llama_kv_self_seq_pos_max(self._ctx, s) + 1 for s in range(n_seq))
