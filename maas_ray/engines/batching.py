@@ -258,8 +258,11 @@ class BatchingEngine(GenerationEngine):
         self._wake.set()
 
     def stats(self) -> dict[str, int]:
+        # A finished sequence stays in ``_running`` until the backend's ``_remove`` (which
+        # may store its KV in the prefix cache) runs after the step; its caller already
+        # has the last chunk, so it no longer counts as running.
         with self._lock:
-            counts = {"running": len(self._running), "waiting": len(self._waiting)}
+            counts = {"running": sum(not s.done for s in self._running), "waiting": len(self._waiting)}
         return counts | self._scheduler_stats()
 
     def prefix_cache_stats(self) -> dict[str, int]:

@@ -283,3 +283,19 @@ def test_text_stream_never_splits_characters_or_leaks_stop_strings() -> None:
     deltas, stopped = _stream("x👋y", ["👋"])
     assert stopped and "".join(deltas) == "x"
 
+
+
+def test_a_finished_request_no_longer_counts_as_running(llm_dirs: dict[str, str]) -> None:
+    """The replica reads ``stats()`` as soon as a reply ends (the sequences gauge); the
+    backend frees the row after its step, slowly here, as storing a prefix can be."""
+    class SlowRemove(TransformersEngine):
+        def _remove(self, rows: set[int]) -> None:
+            import time
+            time.sleep(1.0)
+            super()._remove(rows)
+
+    with SlowRemove(llm_dirs[CHAT], max_batch_size=2) as eng:
+        ids = _ids(eng, "Say yes.")
+        tokens, _, finish, _ = asyncio.run(_run(eng, ids, SamplingParams(max_tokens=3, temperature=0), "r"))
+        assert finish is not None and tokens
+        assert eng.stats()["running"] == 0, eng.stats()
