@@ -26,6 +26,12 @@ from maas_ray.train.resources import DATA_CPUS, Need, wait_actors_gone, wait_for
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
+# Files up to this size are tokenized by the driver, which has loaded the tokenizer to validate
+# them already. Through Ray Data each file costs a read task and a tokenizer actor, that is a
+# worker process importing transformers and loading the tokenizer once more: 20-40 s on a busy
+# 2-core machine, for what the driver does in well under a second.
+TOKENIZE_IN_DRIVER_MAX_BYTES = 4 * 2**20
+
 # Files of a base model folder that a classifier fine-tuned from it keeps
 # (sentence-transformers' max_seq_length, read by serving).
 _KEEP_FROM_BASE = ("sentence_bert_config.json",)
@@ -65,6 +71,25 @@ def read_lines(uri: str) -> Any:
     return ray.data.read_text(path, filesystem=fs, num_cpus=DATA_CPUS)
 
 
+def _size(uri: str) -> int:
+    fs, path = storage.filesystem(uri)
+    return fs.get_file_info(path).size or 0
+
+
+def tokenize_small_file(uri: str, udf: Any) -> Any:
+    """A Ray Dataset of a small JSONL file tokenized here by ``udf`` (one of the Ray Data UDFs
+    of :mod:`maas_ray.train.text_data`): the same columns and block layout as through Ray Data."""
+    import numpy as np
+    import ray.data
+    from ray.data.block import BlockAccessor
+
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        lines = f.read().decode("utf-8").splitlines()
+    block = BlockAccessor.batch_to_block(udf({"text": np.asarray(lines, dtype=object)}))
+    return ray.data.from_blocks([block])
+
+
 def run_finetune(
     spec: FineTuneSpec,
     base: ModelVersion,
@@ -102,22 +127,28 @@ def run_finetune(
     if objective == "classification" and not labels:
         raise ValueError("a classifier needs the training file's labels")
 
+    if objective in ("lm", "dpo"):
+        udf = TokenizeLM if objective == "lm" else TokenizePreference
+        kwargs = {"model_dir": str(base_dir)}
+    else:
+        udf, kwargs = TokenizeClassification, {"model_dir": str(base_dir), "labels": labels,
+                                               "max_len": spec.max_seq_length}
+    uris = [train_uri] + ([valid_uri] if valid_uri else [])
+    here = udf(**kwargs) if all(_size(u) <= TOKENIZE_IN_DRIVER_MAX_BYTES for u in uris) else None
+
     def tokenized(uri: str) -> Any:
-        if objective in ("lm", "dpo"):
-            udf = TokenizeLM if objective == "lm" else TokenizePreference
-            kwargs = {"model_dir": str(base_dir)}
-        else:
-            udf, kwargs = TokenizeClassification, {"model_dir": str(base_dir), "labels": labels,
-                                                   "max_len": spec.max_seq_length}
+        if here is not None:
+            return tokenize_small_file(uri, here)
         return read_lines(uri).map_batches(udf, fn_constructor_kwargs=kwargs, batch_size=256,
                                            compute=ActorPoolStrategy(size=1),
                                            num_cpus=DATA_CPUS).materialize()
 
     wait_s = spec.scaling.resource_wait_s
-    started = time.monotonic()
-    # A read task and the tokenizer actor run side by side.
-    wait_for_cpus(Need(DATA_CPUS, 2, "data task"), wait_s, on_resources)
-    wait_s = max(0.0, wait_s - (time.monotonic() - started))  # one budget for both waits
+    if here is None:
+        started = time.monotonic()
+        # A read task and the tokenizer actor run side by side.
+        wait_for_cpus(Need(DATA_CPUS, 2, "data task"), wait_s, on_resources)
+        wait_s = max(0.0, wait_s - (time.monotonic() - started))  # one budget for both waits
     datasets = {"train": tokenized(train_uri)}
     if valid_uri:
         datasets["validation"] = tokenized(valid_uri)

@@ -108,8 +108,11 @@ class LocalCluster:
 
     # -- environment -----------------------------------------------------------
     def _base_env(self) -> dict[str, str]:
+        # Not the test session's own Ray settings either: its 1 s metrics push (for
+        # tests/serve/test_metrics.py) would cost every process of these nodes CPU.
         env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("RAY_ADDRESS", "MAAS_HOME", "PYTEST_"))}
+               if not k.startswith(("RAY_ADDRESS", "MAAS_HOME", "PYTEST_"))
+               and k != "RAY_metrics_report_interval_ms"}
         env.update(
             PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # workers find `maas`
             RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
@@ -150,7 +153,7 @@ class LocalCluster:
         self.nodes.append(node)
         return node
 
-    def start(self, timeout_s: float = 120) -> LocalCluster:
+    def start(self, timeout_s: float = 240) -> LocalCluster:
         """Start the head (dashboard and job server included)."""
         gcs, dash, client, agent, metrics = free_ports(5)
         self.gcs_port, self.dashboard_port = gcs, dash
@@ -164,7 +167,7 @@ class LocalCluster:
         return self
 
     def add_node(self, num_cpus: float = 1, resources: dict[str, float] | None = None,
-                 wait: bool = True, timeout_s: float = 120) -> Node:
+                 wait: bool = True, timeout_s: float = 240) -> Node:
         """Join one worker node; ``wait=False`` returns at once (see :meth:`wait_ready`)."""
         agent, metrics = free_ports(2)
         name = f"worker{len(self.nodes)}"
@@ -181,7 +184,7 @@ class LocalCluster:
             self.wait_ready([node], timeout_s)
         return node
 
-    def wait_ready(self, nodes: list[Node], timeout_s: float = 120) -> None:
+    def wait_ready(self, nodes: list[Node], timeout_s: float = 240) -> None:
         wait_until(lambda: all(n.ready() for n in nodes), timeout_s, "worker nodes to join")
 
     def workers(self, resource: str | None = None) -> list[Node]:
@@ -223,6 +226,8 @@ class LocalCluster:
         """Stop every node at once, then any process still using our temp dir."""
         self._stop_all(self.nodes, 5)  # all of it is deleted next: no need to wait long
         self._kill_leftovers()
+        if os.environ.get("HA_KEEP"):  # DIAG
+            shutil.copytree(self.temp_dir, os.environ["HA_KEEP"] + "/" + self.temp_dir.name, ignore_dangling_symlinks=True, symlinks=True, ignore=shutil.ignore_patterns("*.sock", "runtime_resources"))
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _kill_leftovers(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,13 +81,22 @@ def cluster(s3: S3Server) -> Iterator[LocalCluster]:
         yield c
 
 
+def dashboard_api(c: LocalCluster, method: str, path: str, **params: Any) -> Any:
+    """The dashboard's REST API, which `ray list`, `ray job status` and `ray job stop` call:
+    on a loaded 2-core machine each CLI process costs seconds of CPU before it asks."""
+    r = httpx.request(method, f"{c.dashboard_url}{path}", params=params, timeout=30,
+                      headers={"Authorization": f"Bearer {c.token}"})
+    assert r.status_code == 200, f"{method} {path}: {r.status_code} {r.text[:500]}"
+    return r.json()
+
+
 def train_actor_nodes(c: LocalCluster) -> dict[str, str]:
     """``{actor_id: node_id}`` of every Ray Train worker the cluster has run."""
-    out = c.run(["ray", "list", "actors", "--address", c.dashboard_url, "--detail", "--format",
-                 "json", "--limit", "1000", "--filter", "class_name=RayTrainWorker"])
-    if not out.stdout.lstrip().startswith("["):  # "No resource in the cluster"
-        return {}
-    return {a["actor_id"]: a["node_id"] for a in json.loads(out.stdout)}
+    body = dashboard_api(c, "GET", "/api/v0/actors", limit=1000, detail=True,
+                         filter_keys="class_name", filter_predicates="=",
+                         filter_values="RayTrainWorker")
+    assert body["result"], body["msg"]
+    return {a["actor_id"]: a["node_id"] for a in body["data"]["result"]["result"]}
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +159,7 @@ def test_elastic_run_grows_then_survives_losing_a_node(
                          env=cluster.client_env(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20",
                                                 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="1"))
     try:
-        wait_until(lambda: len(_world_sizes(run_dir)) >= 2 or proc.poll() is not None, 180,
+        wait_until(lambda: len(_world_sizes(run_dir)) >= 2 or proc.poll() is not None, 300,
                    "the first checkpoints")
         assert set(_world_sizes(run_dir)) == {1}, "started with more workers than nodes"
         cluster.add_node(num_cpus=1, resources={"trainer": 1})
@@ -191,12 +201,35 @@ def _checkpoints(s3: S3Server, prefix: str) -> set[str]:
 
 
 def _job_status(c: LocalCluster, job: str) -> str:
-    """The job's status from the dashboard's REST API (what `ray job status` reads): polled
-    every second, a CLI process each time would cost a CPU-second on a 2-core machine."""
-    r = httpx.get(f"{c.dashboard_url}/api/jobs/{job}", timeout=30,
-                  headers={"Authorization": f"Bearer {c.token}"})
-    assert r.status_code == 200, f"cannot read the status of job {job!r}: {r.status_code} {r.text[:500]}"
-    return r.json()["status"]
+    return dashboard_api(c, "GET", f"/api/jobs/{job}")["status"]
+
+
+def deploy_app(c: LocalCluster, home: str, tmp_path: Path) -> tuple[str, subprocess.Popen]:
+    """``serve deploy`` apps/maas.yaml onto ``c`` with storage ``home``, in the background:
+    its base URL and the ``serve deploy`` process (its log is ``serve-deploy.log``)."""
+    config = yaml.safe_load((REPO / "apps" / "maas.yaml").read_text())
+    (port,) = free_ports(1)
+    config["http_options"]["port"] = port
+    config["proxy_location"] = "HeadOnly"  # one proxy: every node here shares 127.0.0.1
+    app = config["applications"][0]
+    app["args"]["storage"] = home
+    for deployment in app["deployments"]:  # this test only predicts: no idle LLM/embedder replicas
+        if deployment["name"] in ("LLMServer", "EmbeddingServer"):
+            deployment.pop("num_replicas", None)
+            deployment["autoscaling_config"] = {"min_replicas": 0, "initial_replicas": 0,
+                                                "max_replicas": 1}
+    config_path = tmp_path / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    proc = c.popen(["serve", "deploy", str(config_path), "--address", c.dashboard_url],
+                   tmp_path / "serve-deploy.log")
+    return f"http://127.0.0.1:{port}", proc
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def test_job_submit_resumes_run_on_s3_and_the_app_serves_it(
@@ -205,6 +238,10 @@ def test_job_submit_resumes_run_on_s3_and_the_app_serves_it(
     run name resumes from its latest checkpoint in S3, publishes to the S3
     registry, and the app deployed on the cluster serves the new model."""
     home = f"s3://{s3.bucket}/home"
+    # The app, deployed onto the same cluster with `serve deploy` before any model
+    # exists, reads that registry: it starts while the jobs train and must serve the
+    # version the second job publishes on the next request.
+    url, deploying = deploy_app(cluster, home, tmp_path)
     workdir = tmp_path / "job"
     write_spec(workdir, spec("s3-linear", "s3-run", 2, source="diabetes.csv"))
     shutil.copy(DATA, workdir / "diabetes.csv")
@@ -219,7 +256,9 @@ def test_job_submit_resumes_run_on_s3_and_the_app_serves_it(
     wait_until(lambda: len(_checkpoints(s3, "home/runs/s3-run/")) >= 3
                or _job_status(cluster, "first") not in ("PENDING", "RUNNING"), 240,
                "the first job's checkpoints in S3", interval_s=1)
-    cluster.run(["ray", "job", "stop", "--address", cluster.dashboard_url, "first"])
+    dashboard_api(cluster, "POST", "/api/jobs/first/stop")  # `ray job stop`, then its wait
+    wait_until(lambda: _job_status(cluster, "first") not in ("PENDING", "RUNNING"), 120,
+               "the first job to stop")
     assert _job_status(cluster, "first") == "STOPPED"
     assert not [k for k in s3.keys("home/models/")], "the stopped job published a model"
 
@@ -231,30 +270,12 @@ def test_job_submit_resumes_run_on_s3_and_the_app_serves_it(
     assert 3 <= info["run"]["started_at_epoch"] < EPOCHS, info["run"]
     assert [e["epoch"] for e in info["loss_curve"]] == list(range(EPOCHS))
 
-    # The app, deployed onto the same cluster with `serve deploy`, reads that registry.
-    config = yaml.safe_load((REPO / "apps" / "maas.yaml").read_text())
-    (port,) = free_ports(1)
-    config["http_options"]["port"] = port
-    config["proxy_location"] = "HeadOnly"  # one proxy: every node here shares 127.0.0.1
-    app = config["applications"][0]
-    app["args"]["storage"] = home
-    for deployment in app["deployments"]:  # this test only predicts: no idle LLM/embedder replicas
-        if deployment["name"] in ("LLMServer", "EmbeddingServer"):
-            deployment.pop("num_replicas", None)
-            deployment["autoscaling_config"] = {"min_replicas": 0, "initial_replicas": 0,
-                                                "max_replicas": 1}
-    config_path = tmp_path / "serve.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    cluster.run(["serve", "deploy", str(config_path), "--address", cluster.dashboard_url])
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, 240, "the app deployed on the cluster", interval_s=1)
+    try:
+        deploying.wait(timeout=240)
+    finally:
+        stop_process(deploying)
+    assert deploying.returncode == 0, (tmp_path / "serve-deploy.log").read_text()[-3000:]
+    wait_until(lambda: healthy(url), 240, "the app deployed on the cluster", interval_s=1)
     r = httpx.post(f"{url}/v1/models/s3-linear/predict", json={"inputs": ROWS.tolist()}, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "s3-linear:1"

@@ -36,7 +36,7 @@ def wait_for(client: openai.OpenAI, job_id: str, statuses: tuple[str, ...], time
         if job.status in statuses:
             return job
         assert time.monotonic() < deadline, f"{job_id} still {job.status}"
-        time.sleep(1)
+        time.sleep(0.25)
 
 
 def upload(client: openai.OpenAI, path: Path, name: str | None = None) -> str:

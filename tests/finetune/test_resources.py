@@ -92,9 +92,13 @@ def test_startup_retries_keep_ray_trains_wait_near_the_budget(monkeypatch: pytes
 
 @pytest.mark.integration
 def test_a_job_that_cannot_fit_fails_after_its_wait_saying_why(ray_session: None, llm_home: str,
-                                                               tmp_path: Path) -> None:
+                                                               tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker as big as the whole cluster while something holds half a CPU: the job waits
-    its 2 s, fails naming the need and what is free, and its tokenizer actor is gone."""
+    its 2 s, fails naming the need and what is free, and its tokenizer actor is gone.
+
+    The file goes through Ray Data (read task + tokenizer actor), as a large one does: the
+    other jobs' files are small enough for the driver to tokenize."""
     import ray
 
     from maas_ray.config.finetune import FineTuneSpec
@@ -118,6 +122,7 @@ def test_a_job_that_cannot_fit_fails_after_its_wait_saying_why(ray_session: None
         def ready(self) -> bool:
             return True
 
+    monkeypatch.setattr("maas_ray.train.finetune.TOKENIZE_IN_DRIVER_MAX_BYTES", 0)
     holder = Holder.remote()
     jobs = JobService(root)
     try:
