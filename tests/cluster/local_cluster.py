@@ -226,8 +226,6 @@ class LocalCluster:
         """Stop every node at once, then any process still using our temp dir."""
         self._stop_all(self.nodes, 5)  # all of it is deleted next: no need to wait long
         self._kill_leftovers()
-        if os.environ.get("HA_KEEP"):  # DIAG
-            shutil.copytree(self.temp_dir, os.environ["HA_KEEP"] + "/" + self.temp_dir.name, ignore_dangling_symlinks=True, symlinks=True, ignore=shutil.ignore_patterns("*.sock", "runtime_resources"))
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _kill_leftovers(self) -> None:
