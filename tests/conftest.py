@@ -113,6 +113,16 @@ def llm_dirs(llm_home: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def taught_adapters(llm_dirs: dict[str, str], tmp_path_factory) -> dict[str, Path]:
+    """``{tenant: adapter folder}``: SmolLM2 LoRAs that each know a secret word (tests/lora_facts.py)."""
+    from tests.lora_facts import SECRETS, train_adapter
+
+    root = tmp_path_factory.mktemp("taught-adapters")
+    return {name: train_adapter(llm_dirs["smollm2-135m-instruct"], word, root / name)
+            for name, word in SECRETS.items()}
+
+
+@pytest.fixture(scope="session")
 def serve_url(ray_session: None, maas_home: str) -> str:
     """The maas app on a free loopback port, deployed once for the session."""
     from ray import serve
@@ -130,7 +140,8 @@ def session_app_args(maas_home: str) -> dict:
     # The base chat model is pinned to transformers: tests compare it with in-process
     # transformers; tests/serve/test_llamacpp_service.py serves GGUF copies with llama.cpp.
     llm = {"model_engines": {"smollm2-135m-instruct": "transformers"}}
-    return {"storage": maas_home, "max_body_bytes": 64 * 1024, "llm": llm}
+    # A cold model load on a busy 2-core CI machine can pass the 60 s default wait.
+    return {"storage": maas_home, "max_body_bytes": 64 * 1024, "llm": llm, "request_timeout_s": 180.0}
 
 
 GGUF_CHAT = "smollm2-135m-instruct-gguf"  # the base chat model's GGUF alone: llama.cpp by default

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import threading
@@ -121,7 +122,7 @@ class BatchingEngine(GenerationEngine):
         self.prefix_cache: PrefixCache[Any] = PrefixCache(0, "tokens")
         """Finished requests' KV reused by later prompts (:mod:`.prefix_cache`); backends that
         support it replace this disabled one in ``__init__``. Scheduler thread only."""
-        self._resets: list[threading.Event] = []  # reset_prefix_cache() calls waiting for the scheduler
+        self._calls: list[tuple[Any, concurrent.futures.Future[Any]]] = []  # for the scheduler thread
 
     def _start(self, name: str) -> None:
         """Run ``_load`` then the scheduling loop on a new thread; re-raise a load error."""
@@ -171,6 +172,10 @@ class BatchingEngine(GenerationEngine):
                     break
         return best
 
+    def _check_adapter(self, name: str) -> None:
+        """Raise ValueError unless requests may name LoRA adapter ``name``."""
+        raise ValueError(f"the {self.info()['engine']} engine serves no LoRA adapters ({name!r})")
+
     def _scheduler_stats(self) -> dict[str, int]:
         """Backend figures added to :meth:`stats` (read without the scheduler's help)."""
         return {}
@@ -212,6 +217,8 @@ class BatchingEngine(GenerationEngine):
         if len(prompt_ids) >= self.context_length:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context holds "
                              f"{self.context_length} (prompt + completion)")
+        if params.adapter is not None:
+            self._check_adapter(params.adapter)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         deadline = None if params.timeout_s is None else time.monotonic() + params.timeout_s
         # Off the event loop: the first grammar builds the tokenizer's index (~1 s).
@@ -265,20 +272,28 @@ class BatchingEngine(GenerationEngine):
             counts = {"running": sum(not s.done for s in self._running), "waiting": len(self._waiting)}
         return counts | self._scheduler_stats()
 
-    def prefix_cache_stats(self) -> dict[str, int]:
-        """Prefix cache figures: entries, size, hits, prompt tokens reused, evictions."""
-        return self.prefix_cache.stats()
+    def prefix_cache_stats(self, timeout_s: float = 30.0) -> dict[str, int]:
+        """Prefix cache figures: entries, size, hits, prompt tokens reused, evictions. Read
+        on the scheduler thread between two steps, so a request whose last chunk has arrived
+        has had its prefix stored (or not) by then."""
+        return self._on_scheduler(self.prefix_cache.stats, timeout_s)
 
     def reset_prefix_cache(self, timeout_s: float = 30.0) -> None:
         """Drop every cached prefix (as vLLM's ``reset_prefix_cache``); the scheduler
         thread does it between two steps, and this returns once it has."""
-        done = threading.Event()
+        self._on_scheduler(self.prefix_cache.clear, timeout_s)
+
+    def _on_scheduler(self, fn: Any, timeout_s: float) -> Any:
+        """``fn()`` run on the scheduler thread between two steps (it owns the model);
+        its result, or its exception raised here. :class:`EngineClosed` if the engine
+        closes first."""
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
-            self._resets.append(done)
+            if self._closed.is_set():
+                raise EngineClosed("the engine is closed")
+            self._calls.append((fn, done))
         self._wake.set()
-        deadline = time.monotonic() + timeout_s
-        while not done.wait(0.05) and not self._closed.is_set() and time.monotonic() < deadline:
-            pass
+        return done.result(timeout=timeout_s)
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -312,7 +327,7 @@ class BatchingEngine(GenerationEngine):
                     # arrives after this line sets it again, so the wait below
                     # returns at once instead of sleeping on it.
                     self._wake.clear()
-                    self._reset_if_asked()
+                    self._run_calls()
                     self._drop_cancelled()
                     self._expire()
                     self._admit()
@@ -324,6 +339,10 @@ class BatchingEngine(GenerationEngine):
                     logger.exception("decode step failed; failing %d running requests", len(self._running))
                     self._fail(err, waiting_too=False)
             self._fail(EngineClosed("the engine was closed"), waiting_too=True)
+            with self._lock:
+                calls, self._calls = self._calls, []
+            for _, done in calls:
+                done.set_exception(EngineClosed("the engine was closed"))
         finally:
             self._shutdown()
 
@@ -341,13 +360,14 @@ class BatchingEngine(GenerationEngine):
             seq.done = True
             seq.send(err)
 
-    def _reset_if_asked(self) -> None:
+    def _run_calls(self) -> None:
         with self._lock:
-            resets, self._resets = self._resets, []
-        if resets:
-            self.prefix_cache.clear()
-            for done in resets:
-                done.set()
+            calls, self._calls = self._calls, []
+        for fn, done in calls:
+            try:
+                done.set_result(fn())
+            except BaseException as err:  # noqa: BLE001 - handed to the caller
+                done.set_exception(err)
 
     def _drop_cancelled(self) -> None:
         with self._lock:

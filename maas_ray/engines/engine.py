@@ -52,6 +52,9 @@ class SamplingParams:
     grammar: str | None = None
     """A Lark grammar (llguidance's dialect, :mod:`.constraints`) the completion must follow:
     tokens outside it are masked before sampling. None: free text."""
+    adapter: str | None = None
+    """The LoRA adapter (its registry id, loaded with the engine's ``load_adapter``) this
+    request decodes with; None: the base model. Engines without adapters refuse it."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 from maas_ray.registry.gguf_export import gguf_file, weight_formats
 
 if TYPE_CHECKING:
-    from maas_ray.registry import ModelVersion
+    from maas_ray.registry import ModelVersion, Registry
     from maas_ray.engines.engine import GenerationEngine
 
 EngineChoice = Literal["auto", "transformers", "llama.cpp"]
@@ -38,6 +38,7 @@ class EngineConfig:
     max_batch_size: int = 16
     llama_cpp_threads: int | None = None
     max_request_share: float = 0.5
+    adapter_cache_max_bytes: int = 256 * 2**20
 
     def requested(self, mv: ModelVersion) -> EngineChoice:
         """A pin for this exact version, else for the model name, else the default."""
@@ -90,7 +91,35 @@ def engine_loader(mv: ModelVersion, config: EngineConfig) -> Callable[[Path], Ge
 
     device = "cuda" if gpu else "cpu"
     return lambda path: TransformersEngine(path, device=device, max_batch_size=config.max_batch_size,
-                                           max_request_share=config.max_request_share)
+                                           max_request_share=config.max_request_share,
+                                           adapter_cache_max_bytes=config.adapter_cache_max_bytes)
+
+
+def adapter_base(registry: Registry, mv: ModelVersion, config: EngineConfig) -> ModelVersion | None:
+    """The base version whose engine serves LoRA chat version ``mv`` as an adapter, or None.
+
+    When the transformers engine runs both the adapter and its base, the adapter joins
+    the base's engine (:mod:`maas_ray.engines.adapters`): one base in memory for every
+    fine-tune of it, rows of all of them in one batch. Otherwise (llama.cpp chosen for
+    either, a GGUF-only base) the version is merged into its base and served alone."""
+    from maas_ray.registry.adapters import is_adapter
+
+    if not is_adapter(mv) or mv.task != "chat" or "base_model" not in mv.card:
+        return None
+    base = registry.get(mv.card["base_model"])
+    llama_cpp = _llama_cpp_available()
+    gpu = _has_gpu()
+    try:
+        engines = {choose_engine(v, config.requested(v), gpu, llama_cpp) for v in (mv, base)}
+    except EngineUnavailable:
+        return None
+    return base if engines == {"transformers"} else None
+
+
+def _llama_cpp_available() -> bool:
+    from maas_ray.engines.llamacpp_engine import llama_cpp_available
+
+    return llama_cpp_available()
 
 
 def _has_gpu() -> bool:

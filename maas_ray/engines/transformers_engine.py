@@ -57,6 +57,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache
 
+from maas_ray.engines.adapters import Adapters, row_names
 from maas_ray.engines.batching import BatchingEngine, Request
 from maas_ray.engines.kv_batch import BatchCache, check_supported, left_pad
 from maas_ray.engines.prefix_cache import Hit, PrefixCache
@@ -85,13 +86,15 @@ class TransformersEngine(BatchingEngine):
     runs anything. ``prefix_cache_max_bytes``: the most memory finished requests' keys and
     values may keep for reuse by prompts that start alike (least recently used go first;
     0 turns prefix caching off; SmolLM2-135M in float32 takes 45 KiB a token).
+    ``adapter_cache_max_bytes``: the most memory LoRA adapters loaded on this base may
+    take (:mod:`.adapters`; least recently used go first, never one in use).
     Thread count: whatever ``torch.set_num_threads`` says in the process.
     """
 
     def __init__(self, model_dir: Path | str, device: str = "cpu", dtype: torch.dtype | None = None,
                  max_batch_size: int = 16, prefill_tokens_per_step: int = 2048,
                  max_request_share: float = 0.5, max_prefill_batch: int = 16,
-                 prefix_cache_max_bytes: int = 256 * 2**20) -> None:
+                 prefix_cache_max_bytes: int = 256 * 2**20, adapter_cache_max_bytes: int = 256 * 2**20) -> None:
         from transformers import AutoTokenizer, GenerationConfig
 
         super().__init__(max_batch_size, max_request_share)
@@ -108,6 +111,8 @@ class TransformersEngine(BatchingEngine):
         self._model_dir, self._dtype = str(model_dir), dtype or torch.float32
         self._batch = BatchCache()  # rows aligned with _running
         self.prefix_cache: PrefixCache[KV] = PrefixCache(prefix_cache_max_bytes, "bytes")
+        self.adapters = Adapters(adapter_cache_max_bytes)  # scheduler thread only
+        self._adapter_dirs: dict[str, str] = {}  # every adapter requests may name, loaded or not
         # The model is loaded and run on the scheduler thread only. torch ops
         # issued from a second thread start a second OpenMP team; with more
         # OpenMP threads than cores libgomp stops spin-waiting and every
@@ -137,6 +142,37 @@ class TransformersEngine(BatchingEngine):
     def info(self) -> dict[str, Any]:
         return {"engine": "transformers", "max_batch_size": self.max_batch_size, "warning": None}
 
+    def add_adapter(self, name: str, adapter_dir: Path | str) -> None:
+        """Let requests name LoRA adapter ``name`` (``SamplingParams.adapter``): a peft
+        folder trained on this base. It loads on the scheduler thread when a request
+        that names it is admitted, and leaves again under memory pressure."""
+        self._adapter_dirs[name] = str(adapter_dir)
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self._adapter_dirs
+
+    def _check_adapter(self, name: str) -> None:
+        if name not in self._adapter_dirs:
+            raise ValueError(f"LoRA adapter {name!r} was not added to this engine")
+
+    def _scheduler_stats(self) -> dict[str, int]:
+        return self.adapters.stats() if self._adapter_dirs else {}
+
+    def _adapter_rows(self, seqs: list[Request]) -> dict[str, Any]:
+        """The forward's ``adapter_names`` for these rows, once any adapter was loaded;
+        loads those they name that are not (here: the scheduler thread owns the model)."""
+        for seq in seqs:
+            name = seq.params.adapter
+            if name is None:
+                continue
+            if name in self.adapters:
+                self.adapters.touch(name)
+            else:
+                with self._lock:
+                    in_use = {s.params.adapter for s in [*self._running, *self._waiting] if s.params.adapter}
+                self.model = self.adapters.load(self.model, name, self._adapter_dirs[name], in_use)
+        return {"adapter_names": row_names(seqs)} if self.adapters.loads else {}
+
     def _admit(self) -> None:
         budget = self.prefill_tokens_per_step
         while True:
@@ -158,7 +194,8 @@ class TransformersEngine(BatchingEngine):
                 seq = self._next_waiting()
                 if seq is None:
                     break
-                hit = self.prefix_cache.lookup(seq.prompt)
+                # An adapter changes every layer's keys and values: only the base's are cached.
+                hit = None if seq.params.adapter else self.prefix_cache.lookup(seq.prompt)
                 width = max(len(s.prompt) for s in [*seqs, seq]) - (hit.n if hit else 0)
                 if (hit and seqs) or ((len(seqs) + 1) * width > budget and (seqs or not first)):
                     break
@@ -175,11 +212,13 @@ class TransformersEngine(BatchingEngine):
         try:
             for seq in seqs:
                 seq.state = _generator(seq)
+            adapters = self._adapter_rows(seqs)
             prompts = [seq.prompt for seq in seqs]
             ids, mask, positions = left_pad(prompts, self.device)  # (b, T) each
             if hit is not None:  # one row, no padding: the cache's length gives the positions
                 past = DynamicCache(ddp_cache_data=[(k[:, :, :hit.n], v[:, :, :hit.n]) for k, v in hit.entry.value])
-                out = self.model(input_ids=ids[:, hit.n:], cache=past, use_cache=True, logits_to_keep=1)
+                out = self.model(input_ids=ids[:, hit.n:], cache=past, use_cache=True, logits_to_keep=1,
+                                 **adapters)
                 self.prefix_cache.use(hit)
             else:
                 # logits_to_keep=1: generate() computes only the last position's logits
@@ -187,7 +226,8 @@ class TransformersEngine(BatchingEngine):
                 # what generate() runs for it; see the module doc for padded ones.
                 padded = len({len(p) for p in prompts}) > 1
                 out = self.model(input_ids=ids, attention_mask=mask if padded else None,
-                                 position_ids=positions if padded else None, use_cache=True, logits_to_keep=1)
+                                 position_ids=positions if padded else None, use_cache=True, logits_to_keep=1,
+                                 **adapters)
         except Exception as err:  # noqa: BLE001 - these prompts failed, not the running batch
             logger.exception("prefill of %s failed", [s.request_id for s in seqs])
             with self._lock:
@@ -207,7 +247,7 @@ class TransformersEngine(BatchingEngine):
         last = torch.tensor([[s.generated[-1]] for s in self._running], device=self.device)  # (B, 1)
         mask, positions = self._batch.next_step()  # (B, T + 1), (B, 1)
         out = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
-                         cache=self._batch.cache, use_cache=True)
+                         cache=self._batch.cache, use_cache=True, **self._adapter_rows(self._running))
         rows = out.logits[:, -1, :]  # logits (B, 1, V) -> (B, V)
         tokens = self._sample(rows, self._running)
         numpy_rows = _numpy_rows(rows, self._running)
@@ -250,7 +290,7 @@ class TransformersEngine(BatchingEngine):
         prefix cache. Cancelled, timed-out and failed requests leave nothing: a failed step
         may have left their row half-written, and a client that hung up rarely comes back."""
         seq, cache, mask = self._running[row], self._batch.cache, self._batch.mask
-        if not seq.done or cache is None or mask is None or not self.prefix_cache.capacity:
+        if not seq.done or cache is None or mask is None or not self.prefix_cache.capacity or seq.params.adapter:
             return
         n = int(mask[row].sum())  # real tokens: a suffix of the row (left padding)
         tokens = (seq.prompt + seq.generated)[:n]  # the last sampled token was never fed

@@ -48,12 +48,12 @@ class LLMServer:
     def __init__(self, storage_root: str, max_batch_size: int = 16, engine: str = "auto",
                  model_engines: dict[str, str] | None = None, llama_cpp_threads: int | None = None,
                  stream_interval_s: float = 0.05, request_timeout_s: float = 600.0,
-                 max_request_share: float = 0.5) -> None:
+                 max_request_share: float = 0.5, adapter_cache_mb: float = 256) -> None:
         from maas_ray.engines.selection import EngineConfig
 
         self.registry = Registry(storage_root)
         self.engines = EngineConfig(engine, dict(model_engines or {}), max_batch_size,  # type: ignore[arg-type]
-                                    llama_cpp_threads, max_request_share)
+                                    llama_cpp_threads, max_request_share, int(adapter_cache_mb * 2**20))
         self.stream_interval_s = stream_interval_s
         self.request_timeout_s = request_timeout_s
 
@@ -68,6 +68,21 @@ class LLMServer:
         except EngineUnavailable as err:
             raise APIError(400, str(err), "model", "model_not_supported") from None
 
+    async def engine_for(self, model_id: str) -> tuple[Any, str | None]:
+        """(engine, adapter): a LoRA fine-tune served on its base's engine comes with its
+        id as the adapter that requests name (:func:`~maas_ray.engines.selection.adapter_base`);
+        any other model is its own engine, with None."""
+        from maas_ray.engines.selection import adapter_base
+
+        mv = self.registry.get(model_id)
+        base = await asyncio.to_thread(adapter_base, self.registry, mv, self.engines)
+        if base is None:
+            return await self.get_engine(model_id), None
+        engine = await self.get_engine(base.id)
+        if not engine.has_adapter(mv.id):  # its files fetched and checksummed, off the event loop
+            engine.add_adapter(mv.id, await asyncio.to_thread(self.registry.local_dir, mv))
+        return engine, mv.id
+
     @meter_generation("llm")
     async def generate(self, model_id: str, prompt: str | list[dict[str, str]],
                        sampling: SamplingParams, options: GenerateOptions
@@ -77,7 +92,8 @@ class LLMServer:
         request model; here it gets the ``max_tokens`` that fits the prompt and, unless the
         client streams, the engine's overall timeout."""
         try:
-            engine = await self.get_engine(model_id)
+            engine, adapter = await self.engine_for(model_id)
+            sampling = replace(sampling, adapter=adapter)
             ids, sampling = await admit(engine, model_id, prompt, sampling, options.tools,
                                         options.tokens_left, options.choices)
         except APIError as err:
@@ -98,7 +114,7 @@ class LLMServer:
                               add_generation_prompt: bool = True) -> dict[str, Any] | APIError:
         """``/v1/tokenize``: ``{"tokens", "count", "max_model_len"}``, or the error."""
         try:
-            engine = await self.get_engine(model_id)
+            engine, _ = await self.engine_for(model_id)
             ids = await tokenize(engine, prompt, add_generation_prompt)
         except APIError as err:
             return err
@@ -108,7 +124,7 @@ class LLMServer:
         """``/v1/detokenize``: ``{"prompt"}`` (special tokens spelt out), or the error for
         an id outside the vocabulary."""
         try:
-            engine = await self.get_engine(model_id)
+            engine, _ = await self.engine_for(model_id)
         except APIError as err:
             return err
         vocab = len(engine.tokenizer)
@@ -121,7 +137,7 @@ class LLMServer:
 
     async def stats(self, model_id: str) -> dict[str, int]:
         """Running/waiting sequences of a model's engine (tests check freed slots)."""
-        return (await self.get_engine(model_id)).stats()
+        return (await self.engine_for(model_id))[0].stats()
 
 
 @dataclass(frozen=True)

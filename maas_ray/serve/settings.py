@@ -64,6 +64,11 @@ class LLMArgs(BaseModel):
         "KV cells) one request's n choices may hold while it runs any; the rest wait, so one large "
         "request cannot lock others out. A lone sequence always starts. 1 turns the cap off."
     )
+    adapter_cache_mb: float = Field(
+        default=256, ge=0, description="Memory per base model for LoRA fine-tunes served on it (the "
+        "transformers engine keeps one base and loads each fine-tune's adapter on demand; the least "
+        "recently used leave past this, never one in use)."
+    )
 
 
 class EmbeddingArgs(BaseModel):

@@ -65,10 +65,19 @@ async def request_grammar(req: p.SamplingFields) -> str | None:
     return lark
 
 
+def replica_key(mv: ModelVersion) -> str:
+    """The model a chat request wants loaded on the replica it goes to: a LoRA fine-tune's
+    base (fine-tunes are adapters on their base's engine, so replicas that hold the base
+    take them all), otherwise the version itself."""
+    from maas_ray.registry.adapters import is_adapter
+
+    return str(mv.card["base_model"]) if is_adapter(mv) and "base_model" in mv.card else mv.id
+
+
 async def open_stream(ctx: ServiceContext, mv: ModelVersion, prompt: Any, sampling: SamplingParams,
                       options: GenerateOptions) -> tuple[Any, int]:
     """Start one generation; return (the response stream, prompt token count)."""
-    handle = ctx.handles["llm"].options(multiplexed_model_id=mv.id, stream=True)
+    handle = ctx.handles["llm"].options(multiplexed_model_id=replica_key(mv), stream=True)
     stream = handle.generate.remote(mv.id, prompt, sampling, options)
     timeout = ctx.settings.request_timeout_s
     with replica_errors(mv, timeout):
@@ -297,7 +306,7 @@ async def detokenize(ctx: ServiceContext, mv: ModelVersion, req: p.DetokenizeReq
 
 
 async def _call(ctx: ServiceContext, mv: ModelVersion, method: str, *args: Any) -> dict[str, Any]:
-    handle = ctx.handles["llm"].options(multiplexed_model_id=mv.id)
+    handle = ctx.handles["llm"].options(multiplexed_model_id=replica_key(mv))
     timeout = ctx.settings.request_timeout_s
     with replica_errors(mv, timeout):
         result = await asyncio.wait_for(getattr(handle, method).remote(mv.id, *args), timeout)
