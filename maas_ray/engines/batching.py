@@ -295,6 +295,10 @@ class BatchingEngine(GenerationEngine):
         self._wake.set()
         return done.result(timeout=timeout_s)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
     def close(self) -> None:
         if self._closed.is_set():
             return

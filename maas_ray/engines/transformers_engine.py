@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache
 
-from maas_ray.engines.adapters import Adapters, row_names
+from maas_ray.engines.adapters import Adapters
 from maas_ray.engines.batching import BatchingEngine, Request
 from maas_ray.engines.kv_batch import BatchCache, check_supported, left_pad
 from maas_ray.engines.prefix_cache import Hit, PrefixCache
@@ -158,9 +158,9 @@ class TransformersEngine(BatchingEngine):
     def _scheduler_stats(self) -> dict[str, int]:
         return self.adapters.stats() if self._adapter_dirs else {}
 
-    def _adapter_rows(self, seqs: list[Request]) -> dict[str, Any]:
-        """The forward's ``adapter_names`` for these rows, once any adapter was loaded;
-        loads those they name that are not (here: the scheduler thread owns the model)."""
+    def _use_adapters(self, seqs: list[Request]) -> None:
+        """Name each row's adapter for the next forward, loading those not loaded yet
+        (here: the scheduler thread owns the model)."""
         for seq in seqs:
             name = seq.params.adapter
             if name is None:
@@ -170,8 +170,8 @@ class TransformersEngine(BatchingEngine):
             else:
                 with self._lock:
                     in_use = {s.params.adapter for s in [*self._running, *self._waiting] if s.params.adapter}
-                self.model = self.adapters.load(self.model, name, self._adapter_dirs[name], in_use)
-        return {"adapter_names": row_names(seqs)} if self.adapters.loads else {}
+                self.adapters.load(self.model, name, self._adapter_dirs[name], in_use)
+        self.adapters.select([seq.params.adapter for seq in seqs], self.device)
 
     def _admit(self) -> None:
         budget = self.prefill_tokens_per_step
@@ -212,13 +212,12 @@ class TransformersEngine(BatchingEngine):
         try:
             for seq in seqs:
                 seq.state = _generator(seq)
-            adapters = self._adapter_rows(seqs)
+            self._use_adapters(seqs)
             prompts = [seq.prompt for seq in seqs]
             ids, mask, positions = left_pad(prompts, self.device)  # (b, T) each
             if hit is not None:  # one row, no padding: the cache's length gives the positions
                 past = DynamicCache(ddp_cache_data=[(k[:, :, :hit.n], v[:, :, :hit.n]) for k, v in hit.entry.value])
-                out = self.model(input_ids=ids[:, hit.n:], cache=past, use_cache=True, logits_to_keep=1,
-                                 **adapters)
+                out = self.model(input_ids=ids[:, hit.n:], cache=past, use_cache=True, logits_to_keep=1)
                 self.prefix_cache.use(hit)
             else:
                 # logits_to_keep=1: generate() computes only the last position's logits
@@ -226,8 +225,7 @@ class TransformersEngine(BatchingEngine):
                 # what generate() runs for it; see the module doc for padded ones.
                 padded = len({len(p) for p in prompts}) > 1
                 out = self.model(input_ids=ids, attention_mask=mask if padded else None,
-                                 position_ids=positions if padded else None, use_cache=True, logits_to_keep=1,
-                                 **adapters)
+                                 position_ids=positions if padded else None, use_cache=True, logits_to_keep=1)
         except Exception as err:  # noqa: BLE001 - these prompts failed, not the running batch
             logger.exception("prefill of %s failed", [s.request_id for s in seqs])
             with self._lock:
@@ -246,8 +244,9 @@ class TransformersEngine(BatchingEngine):
     def _step(self) -> None:
         last = torch.tensor([[s.generated[-1]] for s in self._running], device=self.device)  # (B, 1)
         mask, positions = self._batch.next_step()  # (B, T + 1), (B, 1)
+        self._use_adapters(self._running)
         out = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
-                         cache=self._batch.cache, use_cache=True, **self._adapter_rows(self._running))
+                         cache=self._batch.cache, use_cache=True)
         rows = out.logits[:, -1, :]  # logits (B, 1, V) -> (B, V)
         tokens = self._sample(rows, self._running)
         numpy_rows = _numpy_rows(rows, self._running)

@@ -16,11 +16,13 @@ import asyncio
 import os
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from maas_ray.auth.ledger import seconds_to_midnight
 from maas_ray.engines.engine import SamplingParams
@@ -43,6 +45,10 @@ DEFAULT_MAX_TOKENS = int(os.environ.get("MAAS_DEFAULT_MAX_TOKENS", "256"))
     # Fractional so the whole app fits a 2-core laptop next to a training job;
     # raise it (or add GPUs) in apps/maas.yaml for real deployments.
     ray_actor_options={"num_cpus": 0.5},
+    # A fine-tune goes to a replica that holds its base, first to one that loaded its adapter.
+    request_router_config=RequestRouterConfig(
+        request_router_class="maas_ray.serve.adapter_router.AdapterAffinityRouter",
+        request_routing_stats_period_s=2.0),
 )
 class LLMServer:
     def __init__(self, storage_root: str, max_batch_size: int = 16, engine: str = "auto",
@@ -56,6 +62,8 @@ class LLMServer:
                                     llama_cpp_threads, max_request_share, int(adapter_cache_mb * 2**20))
         self.stream_interval_s = stream_interval_s
         self.request_timeout_s = request_timeout_s
+        # Engines serving adapters, by base id; Serve's multiplexer owns them (weak refs).
+        self._adapter_engines: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
     @serve.multiplexed(max_num_models_per_replica=MAX_LLMS_PER_REPLICA)
     async def get_engine(self, model_id: str) -> Any:
@@ -79,9 +87,16 @@ class LLMServer:
         if base is None:
             return await self.get_engine(model_id), None
         engine = await self.get_engine(base.id)
+        self._adapter_engines[base.id] = engine
         if not engine.has_adapter(mv.id):  # its files fetched and checksummed, off the event loop
             engine.add_adapter(mv.id, await asyncio.to_thread(self.registry.local_dir, mv))
         return engine, mv.id
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What :class:`~maas_ray.serve.adapter_router.AdapterAffinityRouter` reads: the
+        LoRA adapters this replica's engines hold now."""
+        engines = [e for e in list(self._adapter_engines.values()) if not e.closed]
+        return {"adapters": sorted({name for engine in engines for name in engine.adapters.loaded})}
 
     @meter_generation("llm")
     async def generate(self, model_id: str, prompt: str | list[dict[str, str]],

@@ -81,3 +81,14 @@ def test_an_adapter_answers_as_its_merged_model(llm_dirs, taught_adapters, tmp_p
         engine.add_adapter("tenant-b", taught_adapters["tenant-b"])
         got = asyncio.run(_answer(engine, "tenant-b", "u", max_tokens=8))
     assert got == want and "volcano" in got.lower()
+
+
+def test_adapter_features_this_path_cannot_apply_are_refused_by_name(tmp_path) -> None:
+    import json
+
+    from maas_ray.engines.adapters import read_adapter
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "use_dora": True, "modules_to_save": ["lm_head"]}))
+    with pytest.raises(ValueError, match="use_dora, modules_to_save not supported"):
+        read_adapter(tmp_path)

@@ -58,5 +58,11 @@ def test_two_adapters_and_their_base_share_one_engine(serve_url: str, published)
 
     llm = serve.get_deployment_handle("LLMServer", app_name="maas")
     stats = [llm.stats.remote(version_id).result(timeout_s=120) for version_id, _ in replies]
-    # Every id reports the same engine: the base's, with both adapters loaded on it.
-    assert all(s.get("adapters") == 2 and s.get("adapter_loads") == 2 for s in stats), stats
+    # Every id reports the same engine: the base's, with both adapters loaded on it (and any
+    # that earlier tests of the session served on this base, e.g. tests/finetune/test_lora.py).
+    assert all(s.get("adapters", 0) >= 2 and s["adapter_loads"] == stats[0]["adapter_loads"]
+               for s in stats), stats
+    # What the replica tells the request router (maas_ray/serve/adapter_router.py).
+    routing = llm.record_routing_stats.remote().result(timeout_s=60)
+    assert {v for v, _ in replies[:2]} <= set(routing["adapters"]), routing
+    assert len(routing["adapters"]) == stats[0]["adapters"], (routing, stats)
