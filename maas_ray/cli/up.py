@@ -40,6 +40,10 @@ def up(
         help="Import the offline base models (SmolLM2, MiniLM) if the registry lacks them.")] = True,
     auth: Annotated[str, typer.Option(
         help="API keys on /v1 and /v2: auto (on unless --host is loopback), on, off.")] = "auto",
+    llm_engine: Annotated[str, typer.Option(
+        help="Chat engine: auto (llama.cpp for models with GGUF weights on CPU, else "
+        "transformers), transformers (serves LoRA fine-tunes as adapters on one base), "
+        "llama.cpp.")] = "auto",
 ) -> None:
     """Start Ray (embedded unless --address), the maas app, and serve until Ctrl-C.
 
@@ -54,8 +58,12 @@ def up(
 
     if auth not in ("auto", "on", "off"):
         raise typer.BadParameter(f"{auth!r}: expected auto, on or off", param_hint="--auth")
+    if llm_engine not in ("auto", "transformers", "llama.cpp"):
+        raise typer.BadParameter(f"{llm_engine!r}: expected auto, transformers or llama.cpp",
+                                 param_hint="--llm-engine")
     root = st.storage_root(storage)
-    app_args = AppArgs(storage=root, auth=auth, http_host=host)  # type: ignore[arg-type]
+    app_args = AppArgs(storage=root, auth=auth, http_host=host,  # type: ignore[arg-type]
+                       llm={"engine": llm_engine})
     os.environ["MAAS_HOME"] = root  # training jobs started from here use the same root
     if not joins(address):
         # Ray's metrics agent listens on every interface unless its node is on loopback:

@@ -60,3 +60,11 @@ def test_a_job_that_cannot_fit_is_a_one_line_cli_error(capsys) -> None:
         train()
     assert info.value.exit_code == 2
     assert "needs 1 CPU per worker" in capsys.readouterr().err
+
+
+def test_up_refuses_an_unknown_llm_engine_before_starting_anything(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["up", "--storage", str(tmp_path), "--llm-engine", "vllm"])
+    assert result.exit_code == 2
+    text = " ".join(result.output.replace("│", " ").split())  # unwrap Rich's error box
+    assert "'vllm': expected auto, transformers or llama.cpp" in text, text
+    assert not any(tmp_path.iterdir()), "nothing is written for a refused command"
