@@ -45,8 +45,10 @@ def adapter_ranks(replicas: Sequence[R], adapter: str | None,
                   loaded: Callable[[R], Sequence[str]]) -> list[list[R]]:
     """Up to two random replicas that hold ``adapter``, then up to two of the rest:
     the power of two choices, warm replicas first."""
-    warm = [r for r in replicas if adapter is not None and adapter in loaded(r)]
-    cold = [r for r in replicas if not (adapter is not None and adapter in loaded(r))]
+    warm: list[R] = []
+    cold: list[R] = []
+    for r in replicas:
+        (warm if adapter is not None and adapter in loaded(r) else cold).append(r)
     return [random.sample(rank, min(2, len(rank))) for rank in (warm, cold) if rank]
 
 
