@@ -92,7 +92,7 @@ def test_timeout_aborts_a_request_and_frees_what_it_held(engine) -> None:
         with pytest.raises(RequestTimeout, match=r"within 0.5 s"):
             await asyncio.wait_for(_run(engine, ids, slow, "slow"), HANG_S)
         assert await _until(lambda: _idle(engine), HANG_S), engine.stats()  # slot and KV cells given back
-        text, finish = await asyncio.wait_for(_run(engine, ids, SamplingParams(max_tokens=4), "next"), HANG_S)
+        text, finish = await asyncio.wait_for(_run(engine, ids, SamplingParams(max_tokens=4, ignore_eos=True), "next"), HANG_S)
         assert finish == "length" and text
 
     asyncio.run(main())
