@@ -47,9 +47,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def publish_model(root: str) -> str:
+def publish_model(root: str, hidden: list[int] = HIDDEN) -> str:
     torch.manual_seed(0)
-    config = {"kind": "mlp", "hidden_sizes": HIDDEN, "dropout": 0.0, "n_features": N_FEATURES,
+    config = {"kind": "mlp", "hidden_sizes": hidden, "dropout": 0.0, "n_features": N_FEATURES,
               "n_outputs": 1, "task": "regression"}
     pre = Preprocessor([f"f{i}" for i in range(N_FEATURES)], "y", "regression",
                        [0.0] * N_FEATURES, [1.0] * N_FEATURES)

@@ -127,6 +127,12 @@ class AppArgs(BaseModel):
         default=False,
         description="Log every request in the replicas (costs CPU per request; off by default).",
     )
+    model_transport: Literal["grpc", "ray"] = Field(
+        default="grpc", description="How the ingress calls model replicas: 'grpc' sends calls of "
+        "under 1 MiB and 64 inputs over Serve's gRPC transport (about 4.5 CPU ms less per request "
+        "on 2 cores) and larger ones by reference; 'ray' sends every call as Ray objects (for "
+        "clusters whose nodes cannot reach each other's replica gRPC ports)."
+    )
     auth: Literal["auto", "on", "off"] = Field(
         default="auto", description="API keys on /v1 and /v2: 'auto' turns them on unless the HTTP "
         "server listens on loopback only (see http_host)."

@@ -20,7 +20,7 @@ import numpy as np
 
 from maas_ray.auth.middleware import report_usage, tokens_left
 from maas_ray.registry import ModelVersion
-from maas_ray.serve.calls import replica_errors
+from maas_ray.serve.calls import model_handle, replica_errors
 from maas_ray.serve.context import ServiceContext
 from maas_ray.serve.errors import APIError
 from maas_ray.serve.llm_server import GenerateOptions
@@ -77,7 +77,8 @@ def replica_key(mv: ModelVersion) -> str:
 async def open_stream(ctx: ServiceContext, mv: ModelVersion, prompt: Any, sampling: SamplingParams,
                       options: GenerateOptions) -> tuple[Any, int]:
     """Start one generation; return (the response stream, prompt token count)."""
-    handle = ctx.handles["llm"].options(multiplexed_model_id=replica_key(mv), stream=True)
+    # Streams come back in small chunks, so only the arguments' size counts.
+    handle = model_handle(ctx, "llm", replica_key(mv), prompt, sampling, options, stream=True)
     stream = handle.generate.remote(mv.id, prompt, sampling, options)
     timeout = ctx.settings.request_timeout_s
     with replica_errors(mv, timeout):
@@ -273,8 +274,8 @@ def _event(obj: dict[str, Any]) -> str:
 
 
 async def embed(ctx: ServiceContext, mv: ModelVersion, req: p.EmbeddingRequest) -> dict[str, Any]:
-    handle = ctx.handles["embedder"].options(multiplexed_model_id=mv.id)
     texts = req.texts()
+    handle = model_handle(ctx, "embedder", mv.id, texts, items=len(texts))
     timeout = ctx.settings.request_timeout_s
     with replica_errors(mv, timeout):
         result = await asyncio.wait_for(handle.embed.remote(mv.id, texts, req.dimensions, tokens_left()),
@@ -306,7 +307,8 @@ async def detokenize(ctx: ServiceContext, mv: ModelVersion, req: p.DetokenizeReq
 
 
 async def _call(ctx: ServiceContext, mv: ModelVersion, method: str, *args: Any) -> dict[str, Any]:
-    handle = ctx.handles["llm"].options(multiplexed_model_id=replica_key(mv))
+    # Token ids back take at most about 3 bytes per character sent.
+    handle = model_handle(ctx, "llm", replica_key(mv), *args)
     timeout = ctx.settings.request_timeout_s
     with replica_errors(mv, timeout):
         result = await asyncio.wait_for(getattr(handle, method).remote(mv.id, *args), timeout)
