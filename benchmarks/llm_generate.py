@@ -39,16 +39,21 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from maas_ray.registry import Registry
 from maas_ray.registry.importer import ensure_base_models
+
+sys.path.insert(0, str(Path(__file__).parent))
+from request_path import role, snapshot  # noqa: E402  (a sibling script, not a package)
 
 RESULTS = Path(__file__).parent / "results" / "llm_generate.json"
 CHAT = "smollm2-135m-instruct"
@@ -242,14 +247,30 @@ async def _http_stream(client, model: str, i: int, new_tokens: int) -> tuple[flo
     return start, times, usage if usage is not None else len(times)
 
 
-async def concurrent_level(stream, level: int) -> dict:
-    """``level`` streams at once; tokens/s over the wall time of the whole wave."""
+async def concurrent_level(stream, level: int, cpu: bool = False) -> dict:
+    """``level`` streams at once; tokens/s over the wall time of the whole wave. ``cpu``: also
+    the CPU ms per generated token of each process of this machine's Ray session, by role
+    (:mod:`request_path`), which shows where a service row's time goes."""
+    if cpu:
+        me = psutil.Process()
+        procs = [me, *me.children(recursive=True)]
+        roles = {p.pid: "client (openai SDK)" if p.pid == me.pid else role(p) for p in procs}
+        before = snapshot(procs)
     start = time.perf_counter()
     runs = await asyncio.gather(*(stream(i) for i in range(level)))
     wall = time.perf_counter() - start
     itl = [b - a for _, times, _ in runs for a, b in zip(times, times[1:])]
-    return summary(sum(n for _, _, n in runs), wall, [times[0] - t0 for t0, times, _ in runs if times], itl,
-                   concurrency=level)
+    tokens = sum(n for _, _, n in runs)
+    extra: dict[str, Any] = {}
+    if cpu:
+        after = snapshot(procs)
+        by_role: dict[str, float] = {}
+        for pid in before.keys() & after.keys():
+            by_role[roles[pid]] = by_role.get(roles[pid], 0.0) + after[pid][0] - before[pid][0]
+        extra["cpu_ms_per_token"] = {k: round(1000 * v / max(tokens, 1), 3)
+                                     for k, v in sorted(by_role.items(), key=lambda kv: -kv[1])}
+    return summary(tokens, wall, [times[0] - t0 for t0, times, _ in runs if times], itl,
+                   concurrency=level, **extra)
 
 
 async def abest(measure) -> dict:
@@ -292,14 +313,16 @@ def burst_ttft(model_dir: str, rounds: int) -> dict:
             "waves_ms": {str(b): [round(1000 * x) for x in v] for b, v in p50.items()}}
 
 
-def service_levels(url: str, model: str, new_tokens: int, levels: list[int]) -> list[dict]:
+def service_levels(url: str, model: str, new_tokens: int, levels: list[int], local: bool = False) -> list[dict]:
+    """Service rows; ``local``: the app runs in this process's Ray session, so CPU by process is read too."""
     from openai import AsyncOpenAI
 
     async def run_all() -> list[dict]:
         client = AsyncOpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=os.environ.get("MAAS_API_KEY", "none"),
                              timeout=600)
         await _http_stream(client, model, 0, 4)  # warm-up: loads the model into a replica
-        return [await abest(lambda lvl=lvl: concurrent_level(lambda i: _http_stream(client, model, i, new_tokens), lvl))
+        return [await abest(lambda lvl=lvl: concurrent_level(lambda i: _http_stream(client, model, i, new_tokens),
+                                                             lvl, cpu=local))
                 for lvl in levels]
 
     return asyncio.run(run_all())
@@ -328,7 +351,7 @@ def local_service(root: str, engines: list[str], new_tokens: int, levels: list[i
                 llm = {"engine": engine, "llama_cpp_threads": llama_cpp_threads, "stream_interval_s": interval}
                 serve.run(build_app({"storage": root, "llm": llm}), name="maas", route_prefix="/")
                 key = engine if k == 0 else f"{engine}, stream every {interval:g} s"
-                out[key] = service_levels(f"http://127.0.0.1:{port}", CHAT, new_tokens, levels)
+                out[key] = service_levels(f"http://127.0.0.1:{port}", CHAT, new_tokens, levels, local=True)
                 serve.delete("maas")
     finally:
         serve.shutdown()
@@ -357,6 +380,11 @@ def report(r: dict) -> None:
         for name, x in rows:
             print(f"{name:<42}{x['tokens_per_s']:>8.1f}{x['ttft_ms']:>9.0f}{x['itl_p50_ms']:>9.1f}"
                   f"{x['itl_p99_ms']:>9.1f}{x['tokens_per_s'] / alone['tokens_per_s']:>9.2f}x")
+    for key, levels in r.get("service", {}).items():
+        for x in levels:
+            if "cpu_ms_per_token" in x:
+                parts = ", ".join(f"{k} {v:.2f}" for k, v in x["cpu_ms_per_token"].items() if v >= 0.05)
+                print(f"service {key} x{x['concurrency']}: CPU ms per token by process: {parts}")
     for line in r.get("targets", {}).values():
         print(line)
 

@@ -98,12 +98,13 @@ def plain_server(root: str, model_id: str, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-async def load(url: str, rows: np.ndarray, concurrency: int, total: int) -> dict:
+async def load(url: str, rows: np.ndarray, concurrency: int, total: int,
+               headers: dict[str, str] | None = None) -> dict:
     latencies: list[float] = []
     errors = 0
     counter = iter(range(total))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as client:
         async def worker() -> None:
             nonlocal errors
             for i in counter:

@@ -17,12 +17,15 @@ request writes to the database only when its key's rate lease runs out.
   writes what is left (the ingress calls it when its replica shuts down). A crash loses at
   most the last period's metering.
 - **Token budgets.** A budgeted key's tokens left are its budget, less the day's total in
-  the database (read at each admission: one primary-key read, no write), less this
-  process's usage not yet written. Tolerance: a key can pass its budget by what the other
-  replicas metered for it and had not yet written, at most their last period's (each
-  replica alone stops at the budget, so never more than R × the budget in all), plus the
-  in-flight margin of :func:`maas_ray.auth.middleware.tokens_left`. Keys without a budget
-  (the default) read nothing.
+  the database, less this process's usage not yet written. The total is read (one
+  primary-key read, no write) at most once per :data:`FLUSH_PERIOD_S` per key and kept in
+  memory between reads; this process's own flushes add to the kept total, so its own usage
+  is never missed. Other replicas' usage reaches the database only at their flushes anyway,
+  so reading more often would gain at most one period. Tolerance: a key can pass its budget
+  by what the other replicas metered for it in their last two periods (one not yet written,
+  one not yet re-read; each replica alone stops at the budget, so never more than R × the
+  budget in all), plus the in-flight margin of :func:`maas_ray.auth.middleware.tokens_left`.
+  Keys without a budget (the default) read nothing.
 """
 
 from __future__ import annotations
@@ -137,6 +140,8 @@ class Ledger:
         self._leases: dict[str, _Lease] = {}
         self._pending: dict[tuple[str, str], _Usage] = {}  # (key id, day) → not yet written
         self._writing: dict[tuple[str, str], _Usage] = {}  # taken by a flush, not yet committed
+        # (key id, day) → (when read, the day's tokens in the database then, plus our flushes since)
+        self._written: dict[tuple[str, str], tuple[float, int]] = {}
         self._flush_lock, self._claim_lock = threading.Lock(), threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -207,19 +212,28 @@ class Ledger:
         return max(0, min(size, key.rate.requests - (claimed - size)))
 
     def tokens_left(self, key: ApiKey, now: float, memory_only: bool = False) -> int | None:
-        """The key's budget less the day's total in the database (one primary-key read; never
-        from memory, so every replica's written usage counts) and this process's unwritten usage."""
+        """The key's budget less the day's total in the database (re-read when the kept one is a
+        period old) and this process's unwritten usage."""
         budget = key.tokens_per_day
         if budget is None:
             return None
+        pair = (key.id, today(now))
+        with self._lock:
+            kept = self._written.get(pair)
+            if kept is not None and 0 <= now - kept[0] < FLUSH_PERIOD_S:
+                return budget - kept[1] - self._unwritten(*pair)
         if memory_only:
             raise NeedsDatabase(key.id)
-        day = today(now)
-        with db.session(self.root) as s:
-            row = s.get(UsageRow, (key.id, day))
-            written = row.prompt_tokens + row.completion_tokens if row is not None else 0
-        with self._lock:
-            return budget - written - self._unwritten(key.id, day)
+        # No flush of ours commits during the read: each of our tokens is either in the total
+        # read or still unwritten, and a later flush adds to the kept total. Counted once.
+        with self._flush_lock:
+            with db.session(self.root) as s:
+                row = s.get(UsageRow, pair)
+                written = row.prompt_tokens + row.completion_tokens if row is not None else 0
+            with self._lock:
+                self._written = {p: v for p, v in self._written.items() if p[1] == pair[1]}  # old days go
+                self._written[pair] = (now, written)
+                return budget - written - self._unwritten(*pair)
 
     def _unwritten(self, key_id: str, day: str) -> int:
         return sum(u[(key_id, day)].tokens for u in (self._pending, self._writing) if (key_id, day) in u)
@@ -262,6 +276,10 @@ class Ledger:
                 raise
             with self._lock:
                 self._writing = {}
+                for pair, u in writing.items():  # now in the database: keep the kept totals whole
+                    if pair in self._written:
+                        read_at, total = self._written[pair]
+                        self._written[pair] = (read_at, total + u.prompt_tokens + u.completion_tokens)
 
     def _start_flusher(self) -> None:
         if self._thread is not None or self.flush_period_s is None:

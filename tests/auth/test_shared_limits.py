@@ -96,6 +96,22 @@ def test_a_budget_is_passed_by_at_most_what_other_replicas_had_not_flushed(tmp_p
             store.admit(key, T0 + 30)
 
 
+def test_the_days_total_is_read_once_a_period_and_our_own_flushes_still_count(tmp_path: Path) -> None:
+    a, b = KeyStore(str(tmp_path), flush_period_s=None), KeyStore(str(tmp_path), flush_period_s=None)
+    key, _ = a.create("acme", rate="1000/min", tokens_per_day=100)
+    assert a.admit(key, T0) == 100  # read from the database
+    a.record(key, 4, 6, now=T0)
+    assert a.admit(key, T0 + 0.5, memory_only=True) == 90  # kept total, unwritten usage: no read
+    a.ledger.flush()  # our 10 tokens move into the kept total, not out of the count
+    assert a.admit(key, T0 + 0.6, memory_only=True) == 90
+    b.record(key, 20, 0, now=T0 + 0.6)
+    b.ledger.flush()
+    assert a.admit(key, T0 + 0.7, memory_only=True) == 90  # b's flush is not seen within the period ...
+    with pytest.raises(NeedsDatabase):  # ... and after it the total must be read again
+        a.admit(key, T0 + 1.6, memory_only=True)
+    assert a.admit(key, T0 + 1.6) == 70
+
+
 def test_usage_is_written_every_period_and_when_the_store_closes(tmp_path: Path) -> None:
     reader = KeyStore(str(tmp_path), flush_period_s=None)
     key, _ = reader.create("acme")
