@@ -83,7 +83,8 @@ from typing import Any
 import numpy as np
 
 from maas_ray.engines.batch_check import BatchCheck
-from maas_ray.engines.batching import BatchingEngine, Request
+from maas_ray.engines.batching import BatchingEngine
+from maas_ray.engines.sequence import Request
 from maas_ray.engines.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)

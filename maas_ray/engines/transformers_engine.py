@@ -58,7 +58,8 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from maas_ray.engines.adapters import Adapters
-from maas_ray.engines.batching import BatchingEngine, Request
+from maas_ray.engines.batching import BatchingEngine
+from maas_ray.engines.sequence import Request
 from maas_ray.engines.kv_batch import BatchCache, check_supported, left_pad
 from maas_ray.engines.prefix_cache import Hit, PrefixCache
 

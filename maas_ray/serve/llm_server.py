@@ -242,7 +242,7 @@ def wire_logprobs(pieces: Any, entries: list[Any]) -> list[dict[str, Any]]:
 async def paced(chunks: AsyncIterator[Any], interval_s: float) -> AsyncIterator[Any]:
     """The first chunk at once, then at most one per ``interval_s``: chunks decoded in
     between are merged (same text, same token ids). The last one is never held."""
-    from maas_ray.engines.batching import merge
+    from maas_ray.engines.sequence import merge
 
     held: list[Any] = []
     last = -interval_s
