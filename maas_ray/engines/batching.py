@@ -38,9 +38,9 @@ from maas_ray.engines.constraints import Grammars
 from maas_ray.engines.detokenize import TextStream
 from maas_ray.engines.engine import (EngineClosed, FinishReason, GenerationChunk,
                                        GenerationEngine, RequestTimeout, SamplingParams)
-from maas_ray.engines.sequence import Request, merge
 from maas_ray.engines.logprobs import TokenPieces, token_logprob
 from maas_ray.engines.prefix_cache import PrefixCache
+from maas_ray.engines.sequence import Request, merge
 from maas_ray.engines.tool_format import for_template
 
 logger = logging.getLogger(__name__)

@@ -84,8 +84,8 @@ import numpy as np
 
 from maas_ray.engines.batch_check import BatchCheck
 from maas_ray.engines.batching import BatchingEngine
-from maas_ray.engines.sequence import Request
 from maas_ray.engines.prefix_cache import PrefixCache
+from maas_ray.engines.sequence import Request
 
 logger = logging.getLogger(__name__)
 

@@ -59,9 +59,9 @@ from transformers.cache_utils import DynamicCache
 
 from maas_ray.engines.adapters import Adapters
 from maas_ray.engines.batching import BatchingEngine
-from maas_ray.engines.sequence import Request
 from maas_ray.engines.kv_batch import BatchCache, check_supported, left_pad
 from maas_ray.engines.prefix_cache import Hit, PrefixCache
+from maas_ray.engines.sequence import Request
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each (1, heads, n, head_dim)
 
